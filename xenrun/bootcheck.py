@@ -1,0 +1,608 @@
+"""Boot Xen and a dom0 for real under QEMU, through GRUB, Syslinux or UEFI.
+
+This is the harness behind ``boot-check`` and the project's QEMU tests.  It
+builds a boot image the way a host's boot loader would see it (an ISO made by
+grub-mkrescue, a Syslinux FAT image, or an EFI system partition holding
+xen.efi), boots it under QEMU with the serial console on a pipe, and follows
+the console line by line until the boot succeeded, clearly failed, or timed
+out.  QEMU is always killed before :func:`boot` returns.
+
+Stages reported on the way (``BootResult.stage`` is the last one reached):
+
+====================  ===================================================
+stage                 console line
+====================  ===================================================
+``xen started``       ``(XEN) Xen version``
+``dom0 building``     ``*** Building a PV Dom0 ***`` or ``(XEN)  Dom0 kernel:``
+``dom0 kernel``       ``Booting [paravirtualized ]kernel on Xen`` (Linux runs)
+``hypervisor=xen``    ``XENRUN-HYPERVISOR-TYPE=xen`` printed by dom0 userspace
+====================  ===================================================
+
+Only the standard library is used; every command is an argv list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal
+
+__all__ = [
+    "BootFiles",
+    "BootResult",
+    "KINDS",
+    "STAGES",
+    "HYPERVISOR_MARKER",
+    "build_grub_iso",
+    "build_syslinux_image",
+    "build_esp_image",
+    "boot",
+    "qemu_command",
+    "missing_tools",
+    "qemu_missing",
+]
+
+Kind = Literal["grub", "syslinux", "uefi"]
+KINDS: tuple[str, ...] = ("grub", "syslinux", "uefi")
+
+QEMU = "qemu-system-x86_64"
+GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
+SYSLINUX_BIOS_DIR = Path("/usr/lib/syslinux/modules/bios")
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+# `-cpu max` exposes SMAP/SMEP/PKU, which makes Xen 4.17's PV dom0 fault at
+# once ("d0v0 Unhandled: vec 14, #PF"); qemu64 is known to work under TCG.
+DEFAULT_CPU = "qemu64"
+# dom0_mem=512M plus Xen's own heap fits; more RAM only costs TCG time in Xen's
+# memory setup and in the firmware.
+DEFAULT_MEMORY_MB = 1024
+
+HYPERVISOR_MARKER = "XENRUN-HYPERVISOR-TYPE="
+
+# Each stage has the message the notes name plus what a stock Debian 12 boot
+# actually prints: Xen 4.17 logs "*** Building a PV Dom0 ***" only at
+# loglvl=info, but always prints the "Dom0 kernel: 64-bit, ..." summary while
+# building dom0; Linux 6.1 says "Booting kernel on Xen" (older kernels said
+# "Booting paravirtualized kernel on Xen").
+STAGES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\(XEN\) Xen version"), "xen started"),
+    (re.compile(r"\*\*\* Building a PV Dom0 \*\*\*|\(XEN\)\s+Dom0 kernel: "), "dom0 building"),
+    (re.compile(r"Booting (paravirtualized )?kernel on Xen"), "dom0 kernel"),
+    (re.compile(re.escape(HYPERVISOR_MARKER) + r"xen\s*$"), "hypervisor=xen"),
+)
+STAGE_NAMES = tuple(name for _, name in STAGES)
+
+# Failures that mean the boot is over whatever loader got us there.
+_COMMON_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"Panic on CPU \d+"), "Xen panicked"),
+    (re.compile(r"Hardware Dom0 crashed"), "dom0 crashed"),
+    (re.compile(r"Hardware Dom0 (shutdown|halted)"), "dom0 stopped before the boot was confirmed"),
+    (re.compile(r"Kernel panic - not syncing"), "dom0 kernel panicked"),
+)
+
+# Loader messages: only believed before Xen starts, because a dom0 kernel
+# can print "error:" or "failed" lines that are harmless.
+_LOADER_FAILURES: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
+    "grub": (
+        (re.compile(r"\berror: "), "GRUB error"),
+        (re.compile(r"No bootable device|Boot failed"), "firmware found nothing to boot"),
+    ),
+    "syslinux": (
+        (re.compile(r"Could not find kernel image|not found|Boot failed|[Ff]ailed|Invalid"),
+         "Syslinux/mboot.c32 error"),
+        (re.compile(r"No bootable device"), "firmware found nothing to boot"),
+    ),
+    "uefi": (
+        # xen.efi's loader reports e.g. "Open failed for vmlinuz: Not Found".
+        (re.compile(r"failed for |Couldn't |Unable to |Not Found", re.I), "xen.efi loader error"),
+        (re.compile(r"No bootable option|failed to load Boot|Access Denied"), "OVMF could not boot the ESP"),
+    ),
+}
+
+# Interactive prompts arrive without a newline, so they are looked for in the
+# unterminated tail of the console stream.
+_PROMPTS: dict[str, tuple[re.Pattern[str], str]] = {
+    "grub": (re.compile(r"grub> ?$"), "GRUB dropped to its command prompt"),
+    "syslinux": (re.compile(r"boot: ?$"), "Syslinux stopped at its boot: prompt"),
+    "uefi": (re.compile(r"Shell> ?$"), "OVMF dropped to the UEFI shell"),
+}
+
+# After a failure line, keep reading briefly: Xen prints the panic reason on
+# the lines following "Panic on CPU".
+_FAILURE_CONTEXT_SECONDS = 1.5
+_FAILURE_CONTEXT_LINES = 12
+
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>c78])")
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """The pieces of a Xen boot.
+
+    ``xen`` is the multiboot hypervisor (``xen-*.gz``, gzipped is fine for
+    GRUB and mboot.c32), ``xen_efi`` the EFI build (``xen-*.efi``) or None if
+    UEFI is not wanted, ``kernel`` the dom0 vmlinuz, ``initrd`` its initramfs.
+    """
+
+    xen: Path
+    xen_efi: Path | None
+    kernel: Path
+    initrd: Path
+
+
+@dataclass
+class BootResult:
+    """Outcome of :func:`boot`.
+
+    ``stage`` is the last stage reached ("" if none), ``seconds`` the wall time
+    from QEMU start to the verdict, ``marker_seconds`` when each stage (and
+    extra marker) was first seen, ``log`` the serial console (escape sequences
+    and carriage returns removed) followed by QEMU's stderr if any, and
+    ``reason`` a one-paragraph explanation (the failing lines on failure).
+    """
+
+    ok: bool
+    stage: str
+    seconds: float
+    marker_seconds: dict[str, float] = field(default_factory=dict)
+    log: str = ""
+    reason: str = ""
+
+
+# --- tool checks -------------------------------------------------------------
+
+def _tool_table(kind: str) -> list[tuple[str, str, Callable[[], bool]]]:
+    def exe(name: str) -> Callable[[], bool]:
+        return lambda: shutil.which(name) is not None
+
+    def file(path: Path) -> Callable[[], bool]:
+        return path.exists
+
+    table = [(QEMU, "qemu-system-x86", exe(QEMU))]
+    if kind == "grub":
+        table += [
+            ("grub-mkrescue", "grub-common", exe("grub-mkrescue")),
+            (str(GRUB_PC_DIR), "grub-pc-bin", file(GRUB_PC_DIR / "moddep.lst")),
+            ("xorriso", "xorriso", exe("xorriso")),
+        ]
+    elif kind == "syslinux":
+        table += [
+            ("syslinux", "syslinux", exe("syslinux")),
+            (str(SYSLINUX_BIOS_DIR / "mboot.c32"), "syslinux-common", file(SYSLINUX_BIOS_DIR / "mboot.c32")),
+            ("mkfs.vfat", "dosfstools", exe("mkfs.vfat")),
+            ("mcopy", "mtools", exe("mcopy")),
+        ]
+    elif kind == "uefi":
+        table += [
+            (str(OVMF_CODE), "ovmf", file(OVMF_CODE)),
+            (str(OVMF_VARS), "ovmf", file(OVMF_VARS)),
+            ("mkfs.vfat", "dosfstools", exe("mkfs.vfat")),
+            ("mcopy", "mtools", exe("mcopy")),
+        ]
+    else:
+        raise ValueError(f"unknown boot kind {kind!r} (expected one of {', '.join(KINDS)})")
+    return table
+
+
+def missing_tools(kind: str) -> list[str]:
+    """Tools or files needed for ``kind`` that are absent, as "tool (package)"."""
+    return [f"{tool} ({pkg})" for tool, pkg, present in _tool_table(kind) if not present()]
+
+
+def qemu_missing(kind: str | None = None) -> str | None:
+    """None if everything to build and boot ``kind`` (all kinds if None) is
+    installed, else a message naming the Debian packages to install."""
+    kinds = KINDS if kind is None else (kind,)
+    missing: list[str] = []
+    packages: list[str] = []
+    for k in kinds:
+        for tool, pkg, present in _tool_table(k):
+            entry = f"{tool} ({pkg})"
+            if not present() and entry not in missing:
+                missing.append(entry)
+                if pkg not in packages:
+                    packages.append(pkg)
+    if not missing:
+        return None
+    return f"missing {', '.join(missing)}; install with: apt-get install {' '.join(packages)}"
+
+
+# --- image builders ------------------------------------------------------------
+
+def _run(argv: list[str], **kw) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{argv[0]} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
+    return proc
+
+
+def _inner(path: str) -> str:
+    """Normalise an in-image path; refuse ones that would escape the image."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"bad path inside image: {path!r}")
+    return "/".join(parts)
+
+
+# Modules the generated ISO needs at run time; leaving the other ~280 out
+# makes grub-mkrescue noticeably faster and the ISO smaller.  The core image
+# itself already holds iso9660 and biosdisk.
+GRUB_MODULES = (
+    "normal multiboot2 multiboot linux gzio serial terminal terminfo echo test "
+    "configfile search search_fs_file search_fs_uuid search_label ls cat sleep "
+    "part_msdos part_gpt iso9660 biosdisk ext2 fat all_video"
+)
+GRUB_SERIAL_PREAMBLE = (
+    "serial --unit=0 --speed=115200\n"
+    "terminal_input serial console\n"
+    "terminal_output serial console\n"
+)
+
+
+def build_grub_iso(workdir: Path, grub_cfg: str, files: dict[str, Path]) -> Path:
+    """Build a BIOS (i386-pc) GRUB rescue ISO and return its path.
+
+    The image tree holds ``boot/grub/grub.cfg`` with ``grub_cfg`` and every
+    ``files`` entry (key: path inside the image such as ``"boot/xen.gz"``,
+    value: source file).  Unless ``grub_cfg`` sets ``terminal_output`` itself,
+    a preamble sending GRUB to the serial line is prepended, since otherwise
+    GRUB's "error:" messages never reach :func:`boot`.
+    """
+    workdir = Path(workdir)
+    tree = workdir / "grub-tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    (tree / "boot" / "grub").mkdir(parents=True)
+    if "terminal_output" not in grub_cfg:
+        grub_cfg = GRUB_SERIAL_PREAMBLE + grub_cfg
+    (tree / "boot" / "grub" / "grub.cfg").write_text(grub_cfg)
+    for inner, src in files.items():
+        dst = tree / _inner(inner)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    iso = workdir / "grub.iso"
+    iso.unlink(missing_ok=True)
+    _run([
+        "grub-mkrescue",
+        # BIOS only even if EFI GRUB platforms are installed: no efi.img to
+        # build (which would also need mtools).
+        f"--directory={GRUB_PC_DIR}",
+        f"--install-modules={GRUB_MODULES}",
+        "--locales=", "--fonts=", "--themes=",
+        "-o", str(iso), str(tree),
+    ])
+    return iso
+
+
+def _mtools_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # A user's ~/.mtoolsrc or drive letters must not change what lands in the image.
+    env["MTOOLSRC"] = os.devnull
+    # mtools refuses FAT images whose geometry it considers odd unless told not to check.
+    env["MTOOLS_SKIP_CHECK"] = "1"
+    return env
+
+
+def _fat_image(path: Path, payload_bytes: int, label: str) -> None:
+    # Room for FAT tables, Syslinux's ldlinux.sys/.c32 and slack; whole MiB.
+    size_mb = max(16, (payload_bytes * 12 // 10) // (1 << 20) + 8)
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size_mb << 20)
+    _run(["mkfs.vfat", "-n", label, str(path)])
+
+
+def _mcopy(image: Path, files: dict[str, Path], prefix: str = "") -> None:
+    env = _mtools_env()
+    made: set[str] = set()
+    for inner, src in files.items():
+        target = _inner(f"{prefix}/{inner}" if prefix else inner)
+        parts = target.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in made:
+                # mmd fails on an existing directory; -D s skips clashes.
+                subprocess.run(["mmd", "-D", "s", "-i", str(image), f"::/{d}"],
+                               capture_output=True, env=env)
+                made.add(d)
+        _run(["mcopy", "-o", "-i", str(image), str(src), f"::/{target}"], env=env)
+
+
+def build_syslinux_image(
+    workdir: Path,
+    syslinux_cfg: str,
+    files: dict[str, Path],
+    modules: Iterable[str] = ("mboot.c32", "libcom32.c32"),
+) -> Path:
+    """Build a bootable Syslinux FAT disk image and return its path.
+
+    ``syslinux.cfg`` (with ``syslinux_cfg``) sits at the FAT root beside the
+    ``modules`` copied from /usr/lib/syslinux/modules/bios and the ``files``
+    (key: path inside the image).  No mounting: mkfs.vfat, ``syslinux
+    --install`` and mtools.  Unless the config has a ``SERIAL`` line,
+    ``SERIAL 0 115200`` is prepended so Syslinux talks on COM1.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    img = workdir / "syslinux.img"
+    mods = {m: SYSLINUX_BIOS_DIR / m for m in modules}
+    payload = sum(Path(p).stat().st_size for p in [*files.values(), *mods.values()])
+    _fat_image(img, payload, "XENRUN")
+    _run(["syslinux", "--install", str(img)])
+    if not re.search(r"^\s*serial\b", syslinux_cfg, re.I | re.M):
+        syslinux_cfg = "SERIAL 0 115200\n" + syslinux_cfg
+    cfg = workdir / "syslinux.cfg"
+    cfg.write_text(syslinux_cfg)
+    _mcopy(img, {"syslinux.cfg": cfg, **mods, **files})
+    return img
+
+
+def build_esp_image(workdir: Path, xen_efi: Path, xen_cfg: str, files: dict[str, Path]) -> Path:
+    """Build an EFI system partition image (plain FAT, no partition table).
+
+    ``xen_efi`` becomes ``EFI/BOOT/BOOTX64.EFI`` (the removable-media path
+    OVMF boots without any NVRAM entry), ``xen_cfg`` becomes
+    ``EFI/BOOT/BOOTX64.cfg`` (xen.efi reads the .cfg named after itself) and
+    ``files`` (kernel, initrd; keys are names relative to ``EFI/BOOT``) are
+    copied beside it.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    img = workdir / "esp.img"
+    payload = sum(Path(p).stat().st_size for p in [xen_efi, *files.values()])
+    _fat_image(img, payload, "XENRUN_ESP")
+    cfg = workdir / "BOOTX64.cfg"
+    cfg.write_text(xen_cfg)
+    _mcopy(img, {"BOOTX64.EFI": Path(xen_efi), "BOOTX64.cfg": cfg, **files}, prefix="EFI/BOOT")
+    return img
+
+
+# --- booting -------------------------------------------------------------------
+
+def qemu_command(
+    image: Path,
+    kind: str,
+    workdir: Path,
+    *,
+    cpu: str = DEFAULT_CPU,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    smp: int = 2,
+) -> list[str]:
+    """The QEMU argv used by :func:`boot` (UEFI: copies the OVMF VARS into ``workdir``)."""
+    argv = [
+        QEMU,
+        "-accel", "tcg",  # KVM is not usable on the project's machines
+        "-machine", "pc",
+        "-cpu", cpu,
+        "-smp", str(smp),
+        "-m", str(memory_mb),
+        # No default NIC, VGA, floppy or monitor: nothing to emulate that the
+        # boot does not need, and no network at all.
+        "-nodefaults",
+        "-display", "none",
+        "-serial", "stdio",
+        "-no-reboot",
+    ]
+    if kind == "grub":
+        argv += ["-drive", f"file={image},format=raw,media=cdrom,if=ide,readonly=on", "-boot", "d"]
+    elif kind == "syslinux":
+        argv += ["-drive", f"file={image},format=raw,if=ide", "-boot", "c"]
+    elif kind == "uefi":
+        vars_copy = Path(workdir) / "OVMF_VARS.fd"
+        # OVMF writes boot entries into VARS; a private copy keeps runs apart.
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+            "-drive", f"file={image},format=raw,if=ide",
+        ]
+    else:
+        raise ValueError(f"unknown boot kind {kind!r} (expected one of {', '.join(KINDS)})")
+    return argv
+
+
+def _clean(line: str) -> str:
+    return _ANSI.sub("", line).replace("\r", "")
+
+
+def boot(
+    image: Path,
+    kind: Kind,
+    timeout: float = 180.0,
+    progress: Callable[[str], None] | None = None,
+    extra_markers: Iterable[str | tuple[str, str]] = (),
+    *,
+    require: str = "hypervisor=xen",
+    workdir: Path | None = None,
+    cpu: str = DEFAULT_CPU,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    smp: int = 2,
+) -> BootResult:
+    """Boot ``image`` under QEMU and follow the serial console.
+
+    ``kind`` says how the image boots: ``"grub"`` (ISO from
+    :func:`build_grub_iso`), ``"syslinux"`` (disk from
+    :func:`build_syslinux_image`) or ``"uefi"`` (ESP from
+    :func:`build_esp_image`, booted by OVMF).  ``progress`` is called with
+    each stage name as it is reached.  ``extra_markers`` are additional
+    console substrings to time, given as ``"text"`` (stage named by the text)
+    or ``("text", "stage name")``; they never decide success.
+
+    ``require`` is the stage that counts as success: ``"dom0 kernel"`` (Linux
+    took over from Xen, enough to check a real host's boot configuration) or
+    ``"hypervisor=xen"`` (dom0 userspace saw /sys/hypervisor/type = xen).
+    QEMU is stopped as soon as that stage or a clear failure is seen, or when
+    ``timeout`` seconds have passed, and in any case before returning.
+    """
+    if require not in STAGE_NAMES:
+        raise ValueError(f"require must be one of {', '.join(STAGE_NAMES)}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown boot kind {kind!r} (expected one of {', '.join(KINDS)})")
+    image = Path(image)
+    workdir = Path(workdir) if workdir else image.parent
+    argv = qemu_command(image, kind, workdir, cpu=cpu, memory_mb=memory_mb, smp=smp)
+
+    markers: list[tuple[re.Pattern[str], str]] = list(STAGES)
+    for m in extra_markers:
+        text, name = (m, m) if isinstance(m, str) else (m[0], m[1])
+        markers.append((re.compile(re.escape(text)), name))
+    failures = _COMMON_FAILURES
+    loader_failures = _LOADER_FAILURES[kind]
+    prompt_re, prompt_reason = _PROMPTS[kind]
+
+    log: list[str] = []
+    marker_seconds: dict[str, float] = {}
+    stage = ""
+    ok = False
+    reason = ""
+    failure_at: float | None = None  # collecting context after a failure line
+    failure_lines = 0
+    xen_started = False
+
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Own process group, so an interrupted caller's Ctrl-C does not hit
+        # QEMU before our cleanup does.
+        start_new_session=True,
+    )
+    sel = selectors.DefaultSelector()
+    stderr_chunks: list[bytes] = []
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for f in (proc.stdout, proc.stderr):
+            os.set_blocking(f.fileno(), False)
+            sel.register(f, selectors.EVENT_READ)
+        pending = b""
+        open_streams = 2
+
+        def handle(line: str) -> bool:
+            """Digest one console line; True when a verdict is final."""
+            nonlocal stage, ok, reason, failure_at, failure_lines, xen_started
+            now = time.monotonic() - start
+            log.append(line)
+            if failure_at is not None:
+                reason += "\n" + line.strip()
+                failure_lines += 1
+                return failure_lines >= _FAILURE_CONTEXT_LINES
+            for rx, name in markers:
+                if name not in marker_seconds and rx.search(line):
+                    marker_seconds[name] = round(now, 2)
+                    if name in STAGE_NAMES:
+                        stage = name
+                    if name == "xen started":
+                        xen_started = True
+                    if progress:
+                        progress(name)
+                    if name == require:
+                        ok = True
+                        reason = f"reached {name!r} after {now:.1f} s"
+                        return True
+            if HYPERVISOR_MARKER in line:
+                value = line.split(HYPERVISOR_MARKER, 1)[1].strip()
+                if value != "xen":
+                    reason = f"dom0 userspace reports hypervisor type {value!r}, not 'xen': {line.strip()}"
+                    failure_at = now
+                    return True
+            checks = failures if xen_started else failures + loader_failures
+            for rx, what in checks:
+                if rx.search(line):
+                    reason = f"{what}: {line.strip()}"
+                    failure_at = now
+                    return False  # keep reading a little for the details
+            return False
+
+        done = False
+        while not done:
+            now = time.monotonic()
+            if failure_at is not None and now - start - failure_at >= _FAILURE_CONTEXT_SECONDS:
+                break
+            remaining = timeout - (now - start)
+            if remaining <= 0:
+                if failure_at is None:
+                    reason = (f"timeout after {timeout:.0f} s waiting for {require!r}; "
+                              f"last stage reached: {stage or 'none'}")
+                break
+            wait = min(remaining, 0.5)
+            if failure_at is not None:
+                wait = min(wait, max(0.05, _FAILURE_CONTEXT_SECONDS - (now - start - failure_at)))
+            if open_streams == 0:
+                # QEMU closed both pipes: it has exited (or is about to).
+                break
+            for key, _ in sel.select(wait):
+                try:
+                    chunk = os.read(key.fileobj.fileno(), 65536)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    open_streams -= 1
+                    continue
+                if key.fileobj is proc.stderr:
+                    stderr_chunks.append(chunk)
+                    continue
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    if handle(_clean(raw.decode("utf-8", "replace"))):
+                        done = True
+                        break
+                if done:
+                    break
+                if failure_at is None and not xen_started:
+                    tail = _clean(pending.decode("utf-8", "replace"))
+                    if prompt_re.search(tail):
+                        log.append(tail)
+                        pending = b""
+                        reason = f"{prompt_reason} (see log for the messages before it)"
+                        failure_at = time.monotonic() - start
+                        # Nothing else will come from an idle prompt.
+                        done = True
+        if pending:
+            log.append(_clean(pending.decode("utf-8", "replace")))
+        if not ok and not reason:
+            rc = proc.poll()
+            reason = (f"QEMU exited (status {rc}) before {require!r}; "
+                      f"last stage reached: {stage or 'none'}")
+    finally:
+        sel.close()
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        # Pick up whatever QEMU said on stderr (bad options, missing files).
+        for f in (proc.stdout, proc.stderr):
+            if f is None:
+                continue
+            try:
+                os.set_blocking(f.fileno(), True)
+                rest = f.read()
+                if f is proc.stderr and rest:
+                    stderr_chunks.append(rest)
+            except (OSError, ValueError):
+                pass
+            f.close()
+
+    seconds = round(time.monotonic() - start, 2)
+    err = b"".join(stderr_chunks).decode("utf-8", "replace").strip()
+    text = "\n".join(log)
+    if err:
+        text += "\n--- qemu stderr ---\n" + err
+        if not ok and not marker_seconds:
+            reason += f"\nqemu stderr: {err[-1000:]}"
+    return BootResult(ok=ok, stage=stage, seconds=seconds, marker_seconds=marker_seconds,
+                      log=text, reason=reason)

@@ -1,0 +1,250 @@
+"""Site configuration: plugins.toml read with tomllib and checked before anything runs.
+
+Shape (see examples/plugins.toml)::
+
+    [defaults]            boot, network, disks, plugins
+    [hosts.NAME]          the same keys, plus root (a machine root folder, relative
+                          to plugins.toml) and address (user@host for SSH); and
+    [hosts.NAME.plugin.P] settings of plugin P for this host only
+    [plugin.P]            settings of plugin P for every host
+
+Every error is a ConfigError naming file, line and key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xenrun import settings as check
+from xenrun.errors import ConfigError
+from xenrun.settings import Setting
+
+# boot, network and disk plugins are chosen in plugins.toml; none until a site says so
+DEFAULTS = {"boot": "none", "network": "none", "disks": [], "plugins": []}
+_SELECTION_KEYS = ("boot", "network", "disks", "plugins")
+_HOST_KEYS = _SELECTION_KEYS + ("root", "address", "plugin")
+_TOP_KEYS = ("defaults", "hosts", "plugin")
+NONE = "none"  # boot = "none" / network = "none": leave that part alone
+
+
+class KeyLines:
+    """Finds the line a key was written on. tomllib reports lines only for syntax
+    errors, so this scans the text for table headers and ``key =`` lines."""
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+
+    def __init__(self, text: str):
+        self.lines: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        for number, line in enumerate(text.splitlines(), 1):
+            if m := self._HEADER.match(line):
+                table = self._split(m.group(1))
+                self.lines.setdefault(table, number)
+            elif m := self._KEY.match(line):
+                self.lines.setdefault(table + self._split(m.group(1)), number)
+
+    @staticmethod
+    def _split(dotted: str) -> tuple[str, ...]:
+        parts = re.findall(r"\"[^\"]*\"|'[^']*'|[^.\s]+", dotted)
+        return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
+
+    def find(self, path: tuple[str, ...]) -> int | None:
+        """The line of ``path``, or of its nearest enclosing table."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """What plugins.toml says about one host, defaults merged in, not yet checked
+    against the plugins' own settings."""
+
+    name: str
+    boot: str
+    network: str
+    disks: tuple[str, ...]
+    plugins: tuple[str, ...]
+    root: Path | None = None
+    address: str | None = None
+    configured: bool = False  # False when the host has no [hosts.NAME] table
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        """Plugin names this host selects, in call order, without duplicates."""
+        names = ["facts", "xen", self.boot, self.network, *self.disks, *self.plugins]
+        return tuple(dict.fromkeys(n for n in names if n != NONE))
+
+
+@dataclass
+class Site:
+    """A whole plugins.toml, structurally checked."""
+
+    file: Path | None
+    data: dict = field(default_factory=dict)
+    keylines: KeyLines = field(default_factory=lambda: KeyLines(""))
+
+    def error(self, path: tuple[str, ...], message: str) -> ConfigError:
+        return ConfigError(self.file or "<defaults>", ".".join(path), message, self.keylines.find(path))
+
+    @property
+    def folder(self) -> Path:
+        return self.file.parent if self.file else Path.cwd()
+
+    @property
+    def host_names(self) -> list[str]:
+        return list(self.data.get("hosts", {}))
+
+    def host(self, name: str) -> HostSpec:
+        defaults = {**DEFAULTS, **self.data.get("defaults", {})}
+        table = self.data.get("hosts", {}).get(name)
+        merged = {**defaults, **(table or {})}
+        root = merged.get("root")
+        return HostSpec(
+            name=name, boot=merged["boot"], network=merged["network"],
+            disks=tuple(merged["disks"]), plugins=tuple(merged["plugins"]),
+            root=(self.folder / root).resolve() if root else None,
+            address=merged.get("address"), configured=table is not None)
+
+    def raw_settings(self, host: str, plugin: str) -> tuple[dict, dict[str, tuple[str, ...]]]:
+        """Settings of ``plugin`` for ``host``: site-wide values overridden by the
+        host's own, and for each key the TOML path it came from (for errors)."""
+        values, origin = {}, {}
+        for path in (("plugin", plugin), ("hosts", host, "plugin", plugin)):
+            table = self.data
+            for part in path:
+                table = table.get(part, {}) if isinstance(table, dict) else {}
+            for key, value in table.items():
+                values[key], origin[key] = value, path + (key,)
+        return values, origin
+
+    def plugin_tables(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Every plugin name given settings anywhere, with the path that names it."""
+        found = [(p, ("plugin", p)) for p in self.data.get("plugin", {})]
+        for host, table in self.data.get("hosts", {}).items():
+            found += [(p, ("hosts", host, "plugin", p)) for p in table.get("plugin", {})]
+        return found
+
+    def check_settings(self, host: str, plugin: str, declared: dict[str, Setting]) -> dict[str, Any]:
+        """Check ``plugin``'s settings for ``host`` against what it declared."""
+        raw, origin = self.raw_settings(host, plugin)
+        clean = {}
+        for key, value in raw.items():
+            if key not in declared:
+                known = ", ".join(sorted(declared)) or "none"
+                raise self.error(origin[key], f"unknown setting of plugin {plugin!r} (known: {known})")
+            try:
+                clean[key] = declared[key].check(value)
+            except ValueError as e:
+                raise self.error(origin[key], str(e)) from None
+        for key, setting in declared.items():
+            clean.setdefault(key, setting.default)
+        return clean
+
+
+def load_site(path: str | Path | None) -> Site:
+    """Read and structurally check plugins.toml. ``path`` None: ./plugins.toml when it
+    exists, else the built-in defaults."""
+    if path is None:
+        candidate = Path("plugins.toml")
+        if not candidate.exists():
+            return Site(None)
+        path = candidate
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {e.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        msg = re.sub(r"\s*\(at line.*\)$", "", str(e))
+        raise ConfigError(path, "", f"TOML syntax: {msg}" + (f" (column {m.group(2)})" if m else ""),
+                          int(m.group(1)) if m else None) from None
+    site = Site(path.resolve(), data, KeyLines(text))
+    _check_structure(site)
+    return site
+
+
+def _check_structure(site: Site) -> None:
+    data = site.data
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise site.error((key,), f"unknown table (known: {', '.join(_TOP_KEYS)})")
+    for key in _TOP_KEYS:
+        if key in data and not isinstance(data[key], dict):
+            raise site.error((key,), "must be a table, as [" + key + "]")
+    _check_selection(site, ("defaults",), data.get("defaults", {}), _SELECTION_KEYS)
+    for plugin, path in site.plugin_tables():
+        _named(site, path, plugin)
+        table = data
+        for part in path:
+            table = table[part]
+        if not isinstance(table, dict):
+            raise site.error(path, "must be a table of settings")
+    for host, table in data.get("hosts", {}).items():
+        _named(site, ("hosts", host), host)
+        if not isinstance(table, dict):
+            raise site.error(("hosts", host), "must be a table, as [hosts.NAME]")
+        _check_selection(site, ("hosts", host), table, _HOST_KEYS)
+        if "root" in table:
+            value = table["root"]
+            if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
+                raise site.error(("hosts", host, "root"), "must be a folder path (string)")
+            if not (site.folder / value).is_dir():
+                raise site.error(("hosts", host, "root"), f"folder {value!r} does not exist (relative to {site.folder})")
+        if "address" in table:
+            value = table["address"]
+            if not isinstance(value, str) or not re.fullmatch(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.:-]+(?::\d{1,5})?", value):
+                raise site.error(("hosts", host, "address"), f"{value!r} is not an SSH address such as root@xen01.example.org")
+        if "plugin" in table and not isinstance(table["plugin"], dict):
+            raise site.error(("hosts", host, "plugin"), "must be a table, as [hosts.NAME.plugin.P]")
+
+
+def _check_selection(site: Site, path: tuple[str, ...], table: dict, allowed: tuple[str, ...]) -> None:
+    for key, value in table.items():
+        where = path + (key,)
+        if key not in allowed:
+            raise site.error(where, f"unknown key (known: {', '.join(allowed)})")
+        if key in ("boot", "network"):
+            _named(site, where, value)
+        elif key in ("disks", "plugins"):
+            if not isinstance(value, list):
+                raise site.error(where, f"must be a list of plugin names, got {check._kind(value)}")
+            for item in value:
+                _named(site, where, item)
+
+
+def _named(site: Site, path: tuple[str, ...], value: Any) -> str:
+    try:
+        return check.name(value)
+    except ValueError as e:
+        raise site.error(path, str(e)) from None
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host as plugins see it: its spec and every selected plugin's checked
+    settings. ``setting("grub", "timeout")`` reads one."""
+
+    spec: HostSpec
+    settings: dict[str, dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def setting(self, plugin: str, key: str) -> Any:
+        return self.settings[plugin][key]

@@ -1,0 +1,108 @@
+"""The hooks xenrun calls, in the order it calls them. Every hook is documented in one
+template: what it does, when it is called, its parameters, what it returns (and what
+None means), and whether the first result wins or every selected plugin is called.
+
+A plugin implements any subset of these with ``@xenrun.hookimpl`` on a function of
+the same name. Plugins never touch the host: they read ``facts`` and ``host`` and
+return Changes (xenrun.changes); only the core applies them. A hook implementation
+whose name is not listed here makes the run fail before anything happens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from xenrun import hookspec
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from xenrun.changes import Change
+    from xenrun.config import Host
+    from xenrun.domains import Domain, DomainDisk
+    from xenrun.facts import Facts, Probe
+    from xenrun.settings import Setting
+
+
+@hookspec
+def declare_settings() -> dict[str, dict[str, Setting]]:
+    """Declare the settings a plugin reads from ``[plugin.NAME]`` in plugins.toml.
+
+    When: once per host, after the plugin manager is built and before any value of
+    plugins.toml is used, so that every value is checked before anything runs.
+    Parameters: none.
+    Returns: ``{plugin_name: {key: Setting}}``; None when the plugin has no settings.
+    Unknown keys under ``[plugin.NAME]`` are refused.
+    Every selected plugin is called.
+    """
+
+
+@hookspec
+def detect_hardware(probe: Probe) -> dict | None:
+    """Read facts about the host (steps S1 to S5), without changing anything.
+
+    When: once per host, first, before any plan is made.
+    Parameters: ``probe`` reads files, lists folders and runs read-only commands on
+    the target (the running machine, a --root folder or an SSH host).
+    Returns: a dict of new facts (a fragment of Facts); None for nothing. The core
+    merges the fragments and refuses two plugins answering the same key.
+    Every selected plugin is called (the core's own ``facts`` plugin too).
+    """
+
+
+@hookspec
+def xen_options(facts: Facts, host: Host) -> list[str] | None:
+    """Contribute options to the Xen hypervisor command line (step S14: dom0_mem,
+    dom0_max_vcpus, dom0_vcpus_pin, console ...).
+
+    When: once per host, after detect_hardware, before configure_boot.
+    Parameters: ``facts`` of the host; ``host`` its configuration and settings.
+    Returns: a list of ``key=value`` or flag strings; None for nothing.
+    Every selected plugin is called; the options are joined in plugin order and
+    handed to configure_boot, so every boot path gets the same line.
+    """
+
+
+@hookspec
+def configure_host(facts: Facts, host: Host) -> list[Change] | None:
+    """Plan the host-wide Xen steps that are not boot or network: installing Xen (S6),
+    services (S12), xenfs in fstab (S13), stale udev rules (S27).
+
+    When: once per host, after detect_hardware, before configure_boot.
+    Parameters: ``facts``; ``host``.
+    Returns: a list of Changes; None or [] for nothing to do.
+    Every selected plugin is called; changes run in plugin order.
+    """
+
+
+@hookspec(firstresult=True)
+def configure_boot(facts: Facts, host: Host, xen_options: list[str]) -> list[Change] | None:
+    """Plan the bootloader changes that boot Xen with ``xen_options`` (S7 to S10, S14).
+
+    When: once per host, after configure_host.
+    Parameters: ``facts``; ``host``; ``xen_options`` the hypervisor command line
+    gathered from xen_options.
+    Returns: a list of Changes; None means "not mine" (the next plugin is asked).
+    First result wins: a host selects exactly one boot plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def configure_network(facts: Facts, host: Host) -> list[Change] | None:
+    """Plan the bridge that guests attach to (S11).
+
+    When: once per host, after configure_boot.
+    Parameters: ``facts``; ``host``.
+    Returns: a list of Changes; None means "not mine".
+    First result wins: a host selects at most one network plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def create_domain(facts: Facts, host: Host, domain: Domain) -> DomainDisk | None:
+    """Plan the disk of one guest (S16) and say how xl should see it.
+
+    When: once per domain and disk, when a domain is created.
+    Parameters: ``facts``; ``host``; ``domain`` the validated guest spec.
+    Returns: a DomainDisk (the Changes that make the disk, and the xl ``disk=``
+    entry); None means "not mine" (the disk names another backend).
+    First result wins: the plugin named by the disk's ``backend`` answers.
+    """

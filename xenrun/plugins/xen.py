@@ -1,0 +1,125 @@
+"""xen: the host-wide steps of the article that are neither boot nor network.
+Always selected.
+
+S6 install Xen (apt on Debian; on Arch the AUR package through yay or paru run as
+``aur_user``), S12 enable the Xen services (and start them once Xen runs), S13 the
+xenfs line in /etc/fstab, S27 remove a stale xend udev rule, S14 the dom0 options
+handed to the boot plugin. Warns for S1 (no vmx/svm) and S4 (VirtualBox)."""
+
+from __future__ import annotations
+
+import structlog
+
+from xenrun import hookimpl
+from xenrun import settings as check
+from xenrun.changes import EnsureLine, RemoveFile, RunCommand, Symlink
+from xenrun.errors import PlanError
+from xenrun.profiles import profile_for
+from xenrun.settings import Setting
+
+log = structlog.get_logger()
+XENFS_LINE = "none /proc/xen xenfs defaults 0 0"
+UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
+AUR_HELPERS = ("paru", "yay")
+
+
+@hookimpl
+def declare_settings():
+    return {"xen": {
+        "dom0_mem": Setting(check.size, None, "fixed memory of dom0, e.g. \"512M\" (S14)"),
+        "dom0_max_vcpus": Setting(check.positive_int, None, "at most this many vCPUs for dom0 (S14)"),
+        "dom0_vcpus_pin": Setting(check.boolean, False, "pin dom0's vCPUs to physical CPUs (S14)"),
+        "options": Setting(check.words, [], "more Xen command-line options, e.g. [\"console=com1\"]"),
+        "install": Setting(check.boolean, True, "install Xen when missing (S6)"),
+        "aur_user": Setting(check.name, None, "the user an AUR helper builds xen as (Arch)"),
+        "services": Setting(check.boolean, True, "enable the Xen services (S12)"),
+    }}
+
+
+@hookimpl
+def detect_hardware(probe):
+    """Where the Xen unit files are and what enables them ([Install] WantedBy)."""
+    units = {}
+    for folder in UNIT_DIRS:
+        for name in probe.listdir(folder):
+            if name.startswith("xen") and name.endswith(".service") and name not in units:
+                text = probe.text(f"{folder}/{name}") or ""
+                wanted = [w for line in text.splitlines() if line.strip().startswith("WantedBy=")
+                          for w in line.split("=", 1)[1].split()]
+                units[name] = {"path": f"{folder}/{name}", "wanted_by": wanted}
+    return {"xen_units": units}
+
+
+@hookimpl
+def xen_options(facts, host):
+    s = host.settings["xen"]
+    options = []
+    if s["dom0_mem"]:
+        mib = s["dom0_mem"] // (1 << 20)
+        if facts.memory_mib and mib >= facts.memory_mib:
+            raise PlanError(f"[plugin.xen] dom0_mem: {mib} MiB is not less than the host's {facts.memory_mib} MiB")
+        size = check.xen_size(s["dom0_mem"])
+        options.append(f"dom0_mem={size},max:{size}")  # fixed: no ballooning (S14)
+    if s["dom0_max_vcpus"]:
+        if facts.cpus and s["dom0_max_vcpus"] > facts.cpus:
+            raise PlanError(f"[plugin.xen] dom0_max_vcpus: {s['dom0_max_vcpus']} is more than the host's {facts.cpus} CPUs")
+        options.append(f"dom0_max_vcpus={s['dom0_max_vcpus']}")
+    if s["dom0_vcpus_pin"]:
+        options.append("dom0_vcpus_pin")
+    return options + s["options"]
+
+
+@hookimpl
+def configure_host(facts, host):
+    s = host.settings["xen"]
+    profile = profile_for(facts)
+    if not facts.xen_running and not facts.hvm:
+        log.warning("no vmx or svm in /proc/cpuinfo: only PV guests will run (S1)")
+    for other in facts.other_hypervisors:
+        log.warning(f"{other} is installed: running it beside Xen can freeze the machine (S4)")
+    changes = []
+    if profile.xen_package not in facts.packages:
+        changes.append(_install(facts, s, profile, host))
+    if s["services"]:
+        changes += _services(facts, profile)
+    changes.append(EnsureLine("/etc/fstab", XENFS_LINE, replace=r"^\s*\S+\s+/proc/xen\s",
+                              step="S13", why="mount xenfs on /proc/xen"))
+    changes.append(RemoveFile("/etc/udev/rules.d/xend.rules", step="S27",
+                              why="xend is gone; its udev rule makes errors"))
+    return changes
+
+
+def _install(facts, s, profile, host) -> RunCommand:
+    if not s["install"]:
+        raise PlanError(f"{host.name}: Xen ({profile.xen_package}) is not installed and [plugin.xen] install = false")
+    argv = profile.install_argv + (profile.xen_package,)
+    if profile.xen_from_aur:
+        helper = next((h for h in AUR_HELPERS if h in facts.programs), None)
+        if helper is None:
+            raise PlanError(f"{host.name}: Xen is not installed and comes from the AUR, but no AUR helper"
+                            f" ({' or '.join(AUR_HELPERS)}) is installed: install one and set [plugin.xen]"
+                            " aur_user, or build and install the xen package by hand (multilib must be enabled; S6)")
+        if not s["aur_user"]:
+            raise PlanError(f"{host.name}: [plugin.xen] aur_user is needed: {helper} builds AUR packages"
+                            " as a normal user, never as root (S6)")
+        argv = ("runuser", "-u", s["aur_user"], "--", helper) + argv
+    return RunCommand(argv, creates=profile.xl, step="S6", why=f"install Xen ({profile.xen_package})")
+
+
+def _services(facts, profile) -> list:
+    changes = []
+    for unit in profile.xen_services:
+        known = facts.xen_units.get(unit)
+        if known and known["wanted_by"]:
+            # what `systemctl enable` does, as links the journal can undo
+            changes += [Symlink(f"/etc/systemd/system/{wb}.wants/{unit}", known["path"], step="S12",
+                                why=f"enable {unit}") for wb in known["wanted_by"]]
+        else:
+            changes.append(RunCommand(("systemctl", "enable", unit),
+                                      unless=("systemctl", "is-enabled", "--quiet", unit),
+                                      step="S12", why=f"enable {unit}"))
+        if facts.xen_running and facts.live:  # they only start under Xen
+            changes.append(RunCommand(("systemctl", "start", unit),
+                                      unless=("systemctl", "is-active", "--quiet", unit),
+                                      step="S12", why=f"start {unit}"))
+    return changes

@@ -1,0 +1,316 @@
+"""Targets: where a plan is read and applied.
+
+A target offers a handful of operations on paths as the host sees them ("/etc/fstab")
+and never more: read, lstat, list, atomic write, symlink, remove, sparse file, run an
+argv, append to a journal, lock. ``LocalTarget("/")`` is the running machine;
+``LocalTarget(DIR)`` is a machine's root in a folder, where paths are resolved the
+way chroot would resolve them, so nothing escapes DIR through ``..`` or an absolute
+symlink. An SSH target implements the same methods; plugins never see which it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from xenrun.errors import LockHeld, TargetError
+
+SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+TMP_SUFFIX = ".xenrun-tmp"
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    kind: str  # "file", "dir", "link", "other"
+    mode: int  # permission bits
+    uid: int
+    gid: int
+    size: int
+    blocks: int  # 512-byte blocks really allocated
+    link: str | None = None  # symlink target
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def tmp_name(path: str) -> str:
+    """The temporary name an atomic write uses for ``path`` (same folder, so the
+    rename is atomic; fixed, so recovery can find and remove it)."""
+    head, _, tail = path.rpartition("/")
+    return f"{head}/.{tail}{TMP_SUFFIX}"
+
+
+class LocalTarget:
+    """The running machine (root "/") or a machine root in a folder."""
+
+    def __init__(self, root: str | Path = "/", files_only: bool = False):
+        self.root = Path(root).resolve()
+        self.files_only = files_only
+        self._lock_fd: int | None = None
+
+    @property
+    def is_host(self) -> bool:
+        return self.root == Path("/")
+
+    def __str__(self) -> str:
+        return "local" if self.is_host else f"root {self.root}"
+
+    # -- paths -------------------------------------------------------------------
+    def real(self, path: str, follow: bool = True) -> Path:
+        """The path on this machine for the target's ``path``; symlinks followed
+        (the last one too when ``follow``) and kept inside the root."""
+        if not path.startswith("/"):
+            raise TargetError(f"{self}: path must be absolute: {path!r}")
+        if self.is_host:
+            return Path(os.path.realpath(path)) if follow else Path(os.path.normpath(path))
+        parts = [p for p in path.split("/") if p]
+        resolved: list[str] = []
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            candidate = self.root.joinpath(*resolved, part)
+            if (parts or follow) and candidate.is_symlink():
+                hops += 1
+                if hops > 40:
+                    raise TargetError(f"{self}: too many symlinks resolving {path}")
+                link = os.readlink(candidate)
+                if link.startswith("/"):
+                    resolved = []  # chroot semantics: absolute links start at the root
+                parts = [p for p in link.split("/") if p] + parts
+                continue
+            resolved.append(part)
+        return self.root.joinpath(*resolved)
+
+    # -- reading -----------------------------------------------------------------
+    def read(self, path: str) -> bytes | None:
+        """The content of the file at ``path``; None when it does not exist."""
+        try:
+            return self.real(path).read_bytes()
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise TargetError(f"{self}: {path} is a folder, not a file") from None
+        except NotADirectoryError:
+            return None
+
+    def lstat(self, path: str) -> FileInfo | None:
+        """What is at ``path`` itself (a symlink is reported, not followed)."""
+        return _info(self.real(path, follow=False))
+
+    def stat(self, path: str) -> FileInfo | None:
+        """What ``path`` leads to, through symlinks."""
+        return _info(self.real(path))
+
+    def exists(self, path: str) -> bool:
+        return self.real(path).exists()
+
+    def listdir(self, path: str) -> list[str] | None:
+        try:
+            return sorted(os.listdir(self.real(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    # -- writing -----------------------------------------------------------------
+    def makedirs(self, path: str) -> list[str]:
+        """Create ``path`` and missing parents; returns the folders it created,
+        outermost first (so an undo can remove them)."""
+        created = []
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            sub = "/" + "/".join(parts[:i])
+            real = self.real(sub)
+            if not real.exists():
+                real.mkdir(mode=0o755)
+                created.append(sub)
+        return created
+
+    def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
+                     gid: int | None = None, before_rename=None) -> None:
+        """Replace ``path`` with ``data``: temp file in the same folder, fsync,
+        ``before_rename(host_path_of_temp)`` (validation; raise to abort), rename,
+        fsync of the folder. The temp file never outlives a failure."""
+        real = self.real(path)
+        tmp = real.parent / f".{real.name}{TMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), mode)
+                if uid is not None and gid is not None and os.geteuid() == 0:
+                    os.fchown(f.fileno(), uid, gid)
+                os.fsync(f.fileno())
+            if before_rename:
+                before_rename(tmp)
+            os.replace(tmp, real)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        _fsync_dir(real.parent)
+
+    def symlink(self, path: str, target: str) -> None:
+        real = self.real(path, follow=False)
+        tmp = real.parent / f".{real.name}{TMP_SUFFIX}"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, tmp)
+        os.replace(tmp, real)
+        _fsync_dir(real.parent)
+
+    def remove(self, path: str) -> None:
+        real = self.real(path, follow=False)
+        try:
+            os.unlink(real)
+        except FileNotFoundError:
+            return
+        _fsync_dir(real.parent)
+
+    def rmdir(self, path: str) -> bool:
+        try:
+            os.rmdir(self.real(path, follow=False))
+            return True
+        except OSError:
+            return False
+
+    def make_sparse(self, path: str, size: int, mode: int) -> None:
+        """Create (or grow) a sparse file: only the size is set, no data written."""
+        real = self.real(path)
+        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, mode)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(real.parent)
+
+    def truncate(self, path: str, size: int) -> None:
+        """Set a file's size (undoing a grown disk image)."""
+        real = self.real(path)
+        if real.exists():
+            os.truncate(real, size)
+
+    def append_line(self, path: str, line: str) -> None:
+        """Append one line and fsync it: the journal's durability rests on this."""
+        real = self.real(path)
+        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, (line.rstrip("\n") + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- commands ----------------------------------------------------------------
+    def cannot_run(self, argv: tuple[str, ...]) -> str | None:
+        """Why ``argv`` cannot run on this target, or None when it can."""
+        if self.is_host:
+            return None
+        if self.files_only:
+            return "--files-only: commands are left for the host"
+        if os.geteuid() != 0:
+            return f"running commands inside {self.root} needs chroot, which needs root"
+        if self.find_program(argv[0]) is None:
+            return f"{argv[0]} is not installed inside {self.root}, so it cannot run there with chroot"
+        return None
+
+    def find_program(self, program: str) -> str | None:
+        candidates = [program] if program.startswith("/") else [f"{d}/{program}" for d in SEARCH_PATH]
+        for c in candidates:
+            real = self.real(c)
+            if real.is_file() and os.access(real, os.X_OK):
+                return c
+        return None
+
+    def run(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
+            input: str | None = None) -> Result:
+        argv = tuple(argv)
+        reason = self.cannot_run(argv)
+        if reason:
+            raise TargetError(f"{self}: cannot run {argv[0]}: {reason}")
+        full = argv if self.is_host else ("chroot", str(self.root), *argv)
+        env = {"PATH": ":".join(SEARCH_PATH), "LC_ALL": "C"}
+        try:
+            p = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input,
+                               env=env if not self.is_host else {**os.environ, "LC_ALL": "C"},
+                               stdin=None if input is not None else subprocess.DEVNULL)
+        except FileNotFoundError:
+            return Result(argv, 127, "", f"{argv[0]}: command not found")
+        except subprocess.TimeoutExpired:
+            return Result(argv, 124, "", f"{argv[0]}: timed out after {timeout} s")
+        return Result(argv, p.returncode, p.stdout, p.stderr)
+
+    def run_on_file(self, argv: tuple[str, ...], real_path: Path) -> Result:
+        """Run a check command of this machine on a file of the target (validators
+        such as grub-script-check read the file where it lies)."""
+        full = tuple(str(real_path) if a == "{}" else a for a in argv)
+        try:
+            p = subprocess.run(full, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            return Result(full, 127, "", f"{full[0]}: command not found (install it to validate this file)")
+        return Result(full, p.returncode, p.stdout, p.stderr)
+
+    # -- lock --------------------------------------------------------------------
+    def lock(self, path: str, holder: str) -> None:
+        """Take the target's lock at ``path`` or fail at once naming its holder. The
+        kernel drops the lock when the process dies, so a killed run leaves none."""
+        self.makedirs(path.rpartition("/")[0])
+        real = self.real(path)
+        fd = os.open(real, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            who = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockHeld(f"{self}: another xenrun run holds the lock {path}: {who}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        os.fsync(fd)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _info(real: Path) -> FileInfo | None:
+    try:
+        st = os.lstat(real)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    kind = ("link" if stat.S_ISLNK(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+            else "dir" if stat.S_ISDIR(st.st_mode) else "other")
+    return FileInfo(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+                    st.st_blocks, os.readlink(real) if kind == "link" else None)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

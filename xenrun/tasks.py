@@ -1,0 +1,110 @@
+"""The tasks, shared by ``invoke`` in a site folder (tasks.py: ``from xenrun.tasks
+import ns``) and the installed ``xenrun`` command. Each task parses its flags and
+calls into xenrun.run; an error of the user's making becomes one line and an exit
+code, anything else keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+
+from xenrun import logs, report, run
+from xenrun.errors import XenrunError
+
+HELP = {
+    "root": "a machine's root in a folder instead of this machine",
+    "host": "the host's name in plugins.toml (default: the target's /etc/hostname)",
+    "config": "the site's plugins.toml (default: ./plugins.toml)",
+    "dry": "show the plan (diffs and commands) and change nothing",
+    "yes": "apply without asking",
+    "files_only": "with --root: write the files, list the commands left for the host",
+    "format": "text (default) or json",
+}
+
+
+def _help(*names: str) -> dict:
+    return {n: HELP[n] for n in names}
+
+
+def _options(**kw) -> run.Options:
+    return run.Options(**kw)
+
+
+def _guard(fn):
+    """Run ``fn``; XenrunError -> one line on stderr and its exit code."""
+    try:
+        return fn()
+    except XenrunError as e:
+        raise Exit(f"xenrun: {e}", code=e.exit_code) from None
+
+
+def _confirm(fmt: str):
+    def ask(result) -> bool:
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            print("Not applied: no terminal to ask on; give --yes to apply.", file=sys.stderr)
+            return False
+        sys.stdout.write(report.text(result))
+        answer = input(f"Apply {result.summary()['changed']} change(s) to {result.host}? [y/N] ")
+        return answer.strip().lower() in ("y", "yes")
+    return ask
+
+
+def _show(result, fmt: str) -> None:
+    sys.stdout.write(report.as_json(result) if fmt == "json" else report.text(result))
+
+
+@task(auto_shortflags=False, help=HELP)
+def setup(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text"):
+    """Make this host (or --root, or --host) a Xen dom0: facts, plan, apply."""
+    logs.configure()
+    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=dry, yes=yes,
+                                   files_only=files_only, format=format))
+    result = _guard(lambda: run.setup(opts, _confirm(format)))
+    _show(result, format)
+
+
+@task(auto_shortflags=False, help=_help("root", "host", "config", "dry", "yes", "format"))
+def rollback(c, root=None, host=None, config=None, dry=False, yes=False, format="text"):
+    """Put back the files of the last applied run (once more to go further back)."""
+    logs.configure()
+    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=dry, yes=yes, format=format))
+    result = _guard(lambda: run.rollback(opts, _confirm(format)))
+    _show(result, format)
+
+
+@task(auto_shortflags=False, help=_help("root", "host", "config", "format"))
+def facts(c, root=None, host=None, config=None, format="text"):
+    """Show what xenrun detects on the host (steps S1 to S5)."""
+    logs.configure()
+    opts = _guard(lambda: _options(root=root, host=host, config=config, format=format))
+    name, found = _guard(lambda: run.facts(opts))
+    data = found.to_json()
+    if format == "json":
+        print(json.dumps({"host": name, "facts": data}, indent=2))
+        return
+    print(f"host {name}")
+    skip = {"cpu_flags", "packages", "fstab"}
+    for key in sorted(data):
+        if key not in skip:
+            print(f"  {key}: {json.dumps(data[key])}")
+    print(f"  packages: {len(data.get('packages', {}))} installed; cpu_flags: {len(data.get('cpu_flags', []))}")
+
+
+@task(auto_shortflags=False, help=_help("root", "host", "config", "format"))
+def plugins(c, root=None, host=None, config=None, format="text"):
+    """List the plugins that exist, their hooks, and which this host selects."""
+    logs.configure()
+    opts = _guard(lambda: _options(root=root, host=host, config=config, format=format))
+    rows = run.plugin_table(opts)
+    if format == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        mark = "*" if r["selected"] else " "
+        print(f"{mark} {r['name']:<10} {r['source']:<30} {', '.join(r['hooks'])}")
+
+
+ns = Collection(setup, rollback, facts, plugins)
