@@ -113,6 +113,18 @@ class Site:
             root=(self.folder / root).resolve() if root else None,
             address=merged.get("address"), configured=table is not None)
 
+    def selection_origin(self, host: str, name: str) -> tuple[str, ...]:
+        """The TOML path that selected plugin ``name`` for ``host`` (for errors)."""
+        for table in (("hosts", host), ("defaults",)):
+            values = self.data
+            for part in table:
+                values = values.get(part, {})
+            for key in _SELECTION_KEYS:
+                value = values.get(key)
+                if value == name or (isinstance(value, list) and name in value):
+                    return table + (key,)
+        return ("defaults",)
+
     def raw_settings(self, host: str, plugin: str) -> tuple[dict, dict[str, tuple[str, ...]]]:
         """Settings of ``plugin`` for ``host``: site-wide values overridden by the
         host's own, and for each key the TOML path it came from (for errors)."""
@@ -237,10 +249,13 @@ def _named(site: Site, path: tuple[str, ...], value: Any) -> str:
 @dataclass(frozen=True)
 class Host:
     """One host as plugins see it: its spec and every selected plugin's checked
-    settings. ``setting("grub", "timeout")`` reads one."""
+    settings. ``setting("grub", "timeout")`` reads one; ``setting_error`` makes the
+    error for a value that is well-formed but wrong for this host (it names the
+    file, line and key like any configuration error)."""
 
     spec: HostSpec
     settings: dict[str, dict[str, Any]]
+    site: Site | None = None
 
     @property
     def name(self) -> str:
@@ -248,3 +263,8 @@ class Host:
 
     def setting(self, plugin: str, key: str) -> Any:
         return self.settings[plugin][key]
+
+    def setting_error(self, plugin: str, key: str, message: str) -> ConfigError:
+        site = self.site or Site(None)
+        _, origin = site.raw_settings(self.name, plugin)
+        return site.error(origin.get(key, ("plugin", plugin, key)), message)

@@ -28,6 +28,7 @@ class ConfigError(UsageError):
     """
 
     def __init__(self, file, key: str, message: str, line: int | None = None):
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)  # one line, always
         self.file, self.key, self.line, self.reason = str(file), key, line, message
         where = f"{self.file}:{line}" if line else self.file
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")

@@ -76,6 +76,11 @@ def prepare(options: Options) -> Prepared:
     target = LocalTarget(root or "/", files_only=options.files_only)
     name = options.host or _hostname(target)
     spec = site.host(name)
+    known = set(registry.known_names())
+    for plugin in spec.selected:
+        if plugin not in known:
+            raise site.error(site.selection_origin(name, plugin),
+                             f"unknown plugin {plugin!r} (known: {', '.join(sorted(known))})")
     pm = registry.plugin_manager(spec.selected)
     declared: dict = {}
     for plugin, result in call_each(pm, "declare_settings"):
@@ -83,12 +88,11 @@ def prepare(options: Options) -> Prepared:
             if owner in declared:
                 raise UsageError(f"plugin {plugin!r} declares settings for {owner!r}, already declared")
             declared[owner] = table
-    known = set(registry.known_names())
     for plugin, path in site.plugin_tables():
         if plugin not in known:
             raise site.error(path, f"unknown plugin (known: {', '.join(sorted(known))})")
     settings = {p: site.check_settings(name, p, declared.get(p, {})) for p in spec.selected}
-    return Prepared(site, spec, target, pm, Host(spec, settings))
+    return Prepared(site, spec, target, pm, Host(spec, settings, site))
 
 
 def _hostname(target: LocalTarget) -> str:
@@ -196,12 +200,24 @@ def setup(options: Options, confirm) -> Result:
             outcomes = assess(make_plan(p, gather_facts(p)), p.target)
             stop = blocked(outcomes, p.target)
             return Result(p.host.name, str(p.target), outcomes, "planned", notes=notes + ([stop] if stop else []))
+        # Plan without the lock first: a run that is refused or has nothing to do
+        # leaves no trace on the target. Then lock, and plan again under the lock.
+        interrupted = interrupted_runs(p.target)
+        changes = make_plan(p, gather_facts(p)) if not interrupted else None
+        if changes is not None:
+            outcomes = assess(changes, p.target)
+            stop = blocked(outcomes, p.target)
+            if stop:
+                raise TargetError(stop)
+            if not any(o.action == CHANGE for o in outcomes):
+                return Result(p.host.name, str(p.target), outcomes, "nothing to do")
         applier = Applier(p.target, p.host.name, log)
         applier.lock()
         try:
             recovered = applier.recover()
-            facts = gather_facts(p)
-            outcomes = assess(make_plan(p, facts), p.target)
+            if recovered or changes is None:
+                changes = make_plan(p, gather_facts(p))
+            outcomes = assess(changes, p.target)
             stop = blocked(outcomes, p.target)
             if stop:
                 raise TargetError(stop)

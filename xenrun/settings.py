@@ -93,7 +93,7 @@ def word(value: Any) -> str:
     """A single command-line word: printable, no whitespace, quotes or shell characters."""
     if not isinstance(value, str) or not value or len(value) > 256:
         raise ValueError(f"expected a non-empty string, got {_kind(value)}")
-    if not re.fullmatch(r"[A-Za-z0-9_.,:=+/@%-]+", value):
+    if not re.fullmatch(r"[A-Za-z0-9_.,:=+/@%{}-]+", value):
         raise ValueError(f"{value!r} has characters not allowed in an option (spaces, quotes, shell characters)")
     return value
 

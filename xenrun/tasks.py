@@ -41,11 +41,20 @@ def _guard(fn):
         raise Exit(f"xenrun: {e}", code=e.exit_code) from None
 
 
+def _can_ask() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _plan_only(dry: bool, yes: bool) -> bool:
+    """Without --yes and without a terminal to ask on, only plan (as --dry)."""
+    if not dry and not yes and not _can_ask():
+        print("Not applied: no terminal to ask on; give --yes to apply. Showing the plan only.", file=sys.stderr)
+        return True
+    return dry
+
+
 def _confirm(fmt: str):
     def ask(result) -> bool:
-        if not (sys.stdin.isatty() and sys.stdout.isatty()):
-            print("Not applied: no terminal to ask on; give --yes to apply.", file=sys.stderr)
-            return False
         sys.stdout.write(report.text(result))
         answer = input(f"Apply {result.summary()['changed']} change(s) to {result.host}? [y/N] ")
         return answer.strip().lower() in ("y", "yes")
@@ -60,7 +69,7 @@ def _show(result, fmt: str) -> None:
 def setup(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text"):
     """Make this host (or --root, or --host) a Xen dom0: facts, plan, apply."""
     logs.configure()
-    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=dry, yes=yes,
+    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
                                    files_only=files_only, format=format))
     result = _guard(lambda: run.setup(opts, _confirm(format)))
     _show(result, format)
@@ -70,7 +79,8 @@ def setup(c, root=None, host=None, config=None, dry=False, yes=False, files_only
 def rollback(c, root=None, host=None, config=None, dry=False, yes=False, format="text"):
     """Put back the files of the last applied run (once more to go further back)."""
     logs.configure()
-    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=dry, yes=yes, format=format))
+    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
+                                   format=format))
     result = _guard(lambda: run.rollback(opts, _confirm(format)))
     _show(result, format)
 

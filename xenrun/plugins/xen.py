@@ -57,12 +57,12 @@ def xen_options(facts, host):
     if s["dom0_mem"]:
         mib = s["dom0_mem"] // (1 << 20)
         if facts.memory_mib and mib >= facts.memory_mib:
-            raise PlanError(f"[plugin.xen] dom0_mem: {mib} MiB is not less than the host's {facts.memory_mib} MiB")
+            raise host.setting_error("xen", "dom0_mem", f"{mib} MiB is not less than the host's {facts.memory_mib} MiB")
         size = check.xen_size(s["dom0_mem"])
         options.append(f"dom0_mem={size},max:{size}")  # fixed: no ballooning (S14)
     if s["dom0_max_vcpus"]:
         if facts.cpus and s["dom0_max_vcpus"] > facts.cpus:
-            raise PlanError(f"[plugin.xen] dom0_max_vcpus: {s['dom0_max_vcpus']} is more than the host's {facts.cpus} CPUs")
+            raise host.setting_error("xen", "dom0_max_vcpus", f"{s['dom0_max_vcpus']} is more than the host's {facts.cpus} CPUs")
         options.append(f"dom0_max_vcpus={s['dom0_max_vcpus']}")
     if s["dom0_vcpus_pin"]:
         options.append("dom0_vcpus_pin")
@@ -100,8 +100,8 @@ def _install(facts, s, profile, host) -> RunCommand:
                             f" ({' or '.join(AUR_HELPERS)}) is installed: install one and set [plugin.xen]"
                             " aur_user, or build and install the xen package by hand (multilib must be enabled; S6)")
         if not s["aur_user"]:
-            raise PlanError(f"{host.name}: [plugin.xen] aur_user is needed: {helper} builds AUR packages"
-                            " as a normal user, never as root (S6)")
+            raise host.setting_error("xen", "aur_user", f"needed on {host.name}: {helper} builds AUR packages"
+                                     " as a normal user, never as root (S6)")
         argv = ("runuser", "-u", s["aur_user"], "--", helper) + argv
     return RunCommand(argv, creates=profile.xl, step="S6", why=f"install Xen ({profile.xen_package})")
 

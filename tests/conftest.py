@@ -1,0 +1,95 @@
+"""Shared test helpers: a scratch copy of the example site, the xenrun command run
+as a real process, tree hashes, the sample third-party plugin installed with pip,
+and busybox inside a machine root so commands really run there with chroot."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+HOSTS = ("arch-grub", "arch-uefi", "arch-syslinux")
+STATE = "var/lib/xenrun"
+
+
+def tree_hash(root: Path, skip_state: bool = False) -> str:
+    """A hash of every path under ``root``: names, kinds, modes, link targets and
+    file contents. ``skip_state`` leaves out xenrun's own state folder."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        if skip_state and (rel_dir == STATE or rel_dir.startswith(STATE + "/")):
+            dirnames[:] = []
+            continue
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath, name)
+            rel = os.path.relpath(p, root)
+            if skip_state and (rel == STATE or rel.startswith(STATE + "/")):
+                continue
+            st = p.lstat()
+            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def file_map(root: Path, skip_state: bool = True) -> dict[str, bytes | str]:
+    """Every file's content (links as "-> target"), by path relative to root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
+            p = Path(dirpath, name)
+            rel = os.path.relpath(p, root)
+            if skip_state and rel.startswith(STATE):
+                continue
+            out[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes()
+    return out
+
+
+@pytest.fixture
+def site(tmp_path) -> Path:
+    """A scratch copy of examples/ (plugins.toml and the machine roots)."""
+    dest = tmp_path / "site"
+    shutil.copytree(EXAMPLES, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def sample_plugin(tmp_path_factory) -> Path:
+    """The third-party plugin package under tests/plugin_pkg, installed with pip
+    into a folder of its own (added to PYTHONPATH of the xenrun processes)."""
+    target = tmp_path_factory.mktemp("sample-plugin")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO / "tests" / "plugin_pkg")], check=True,
+                   capture_output=True)
+    return target
+
+
+def run_xenrun(*args, cwd=None, env=None, input=None, timeout=120) -> subprocess.CompletedProcess:
+    """The xenrun command as a real process."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("XENRUN_CRASH_AT", None) if "XENRUN_CRASH_AT" not in (env or {}) else None
+    return subprocess.run([sys.executable, "-m", "xenrun", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, input=input, timeout=timeout)
+
+
+def add_busybox(root: Path, *applets: str) -> None:
+    """Put the static busybox in a machine root, with links for ``applets``, so that
+    chroot can run them there."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    (root / "bin").mkdir(exist_ok=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for applet in applets:
+        link = root / "bin" / applet
+        if not link.exists():
+            link.symlink_to("busybox")

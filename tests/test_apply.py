@@ -1,0 +1,219 @@
+"""Apply as a user runs it (the xenrun command, as a process) on the example hosts:
+idempotency, exact --dry, crash consistency under SIGKILL at every point, rollback
+on failure, one run per target at a time, and `xenrun rollback`."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import HOSTS, add_busybox, file_map, run_xenrun, tree_hash
+
+
+@pytest.fixture(autouse=True)
+def _sample_plugin_on_path(sample_plugin, monkeypatch):
+    """The xenrun processes see the pip-installed sample plugin's entry point."""
+    monkeypatch.setenv("PYTHONPATH", str(sample_plugin))
+
+
+def setup_json(site, host, *extra, env=None):
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", host, "--format", "json", *extra, env=env)
+    return r, (json.loads(r.stdout) if r.stdout.strip() else None)
+
+
+def with_sample(site, host, settings: str, applets=("true", "false", "sleep")):
+    """Select the third-party sample plugin for ``host`` with ``settings``, and give
+    the machine root busybox so its command really runs there with chroot."""
+    text = (site / "plugins.toml").read_text()
+    text = re.sub(rf"^(\[hosts\.{host}\].*)$", r'\1\nplugins = ["sample"]', text, count=1, flags=re.M)
+    assert 'plugins = ["sample"]' in text
+    text += f"\n[hosts.{host}.plugin.sample]\n{settings}\n"
+    (site / "plugins.toml").write_text(text)
+    add_busybox(site / "hosts" / host, *applets)
+    return site / "hosts" / host
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_apply_then_plan_again_changes_nothing(site, host):
+    r, first = setup_json(site, host, "--yes")
+    assert r.returncode == 0, r.stderr
+    assert first["report"]["status"] == "applied" and first["summary"]["changed"] > 0
+    r, again = setup_json(site, host, "--dry")
+    assert r.returncode == 0, r.stderr
+    assert again["summary"]["changed"] == 0, [p for p in again["plan"] if p["action"] != "unchanged"]
+    r, third = setup_json(site, host, "--yes")
+    assert third["report"]["status"] == "nothing to do" and third["summary"]["changed"] == 0
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_dry_writes_nothing_and_predicts_exactly_what_apply_changes(site, host):
+    root = site / "hosts" / host
+    before_hash, before = tree_hash(site), file_map(root)
+    r, plan = setup_json(site, host, "--dry")
+    assert r.returncode == 0, r.stderr
+    assert tree_hash(site) == before_hash, "--dry wrote something"
+    predicted = {p["path"].lstrip("/") for p in plan["plan"] if p["action"] == "change" and p.get("path")}
+    assert all(p["diff"] for p in plan["plan"] if p["action"] == "change")
+    r, _ = setup_json(site, host, "--yes")
+    assert r.returncode == 0, r.stderr
+    after = file_map(root)
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert changed == predicted
+
+
+def test_text_plan_shows_diffs_and_summary(site):
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry")
+    assert r.returncode == 0, r.stderr
+    assert "+none /proc/xen xenfs defaults 0 0" in r.stdout
+    assert "Plan: 4 to change, 1 unchanged, 0 left for the host." in r.stdout
+
+
+def test_no_terminal_and_no_yes_only_plans(site):
+    before = tree_hash(site)
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub")
+    assert r.returncode == 0 and "Not applied" in r.stdout + r.stderr
+    assert tree_hash(site) == before
+
+
+def test_failing_command_leaves_the_tree_byte_identical(site):
+    root = with_sample(site, "arch-grub", 'files = 3\ncommand = ["false"]')
+    before = tree_hash(root, skip_state=True)
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 1, r.stderr
+    assert "command false failed" in r.stderr and "put back" in r.stderr
+    assert tree_hash(root, skip_state=True) == before
+
+
+def test_failing_validator_leaves_the_tree_byte_identical(site):
+    root = with_sample(site, "arch-grub", 'validate = ["grep", "-q", "not-there", "{}"]')
+    before = tree_hash(root, skip_state=True)
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 1
+    assert "rejected the new /etc/motd" in r.stderr
+    assert tree_hash(root, skip_state=True) == before
+
+
+def test_validator_that_passes_lets_the_file_go_live(site):
+    root = with_sample(site, "arch-grub", 'motd = "ok-host"\nvalidate = ["grep", "-q", "ok", "{}"]')
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/motd").read_text() == "ok-host\n"
+
+
+def test_command_runs_inside_the_root_with_chroot(site):
+    root = with_sample(site, "arch-grub", 'command = ["touch", "/ran-inside"]', applets=("touch",))
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert (root / "ran-inside").exists()
+    r, again = setup_json(site, "arch-grub", "--dry")
+    assert again["summary"]["changed"] == 0
+
+
+def test_command_that_cannot_run_stops_before_anything_changes(site):
+    root = with_sample(site, "arch-grub", 'command = ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]', applets=())
+    (root / "usr/bin/grub-mkconfig").unlink()
+    before = tree_hash(site)
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 2
+    assert "cannot run" in r.stderr and "--files-only" in r.stderr and "nothing was changed" in r.stderr
+    assert tree_hash(site) == before
+    r, report = setup_json(site, "arch-grub", "--yes", "--files-only")
+    assert r.returncode == 0, r.stderr
+    assert report["summary"]["pending"] == 1
+    pending = [p for p in report["plan"] if p["action"] == "pending"]
+    assert pending[0]["argv"] == ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]
+
+
+def _managed_states(site, host, settings):
+    """The file map of ``host`` before and after a clean apply (on a copy)."""
+    import shutil
+    copy = site.parent / "reference"
+    shutil.copytree(site, copy, symlinks=True)
+    before = file_map(copy / "hosts" / host)
+    r = run_xenrun("setup", "--config", copy / "plugins.toml", "--host", host, "--yes")
+    assert r.returncode == 0, r.stderr
+    return before, file_map(copy / "hosts" / host)
+
+
+def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(site, tmp_path):
+    import shutil
+    settings = 'files = 3\ncommand = ["true"]'
+    with_sample(site, "arch-grub", settings)
+    old, new = _managed_states(site, "arch-grub", settings)
+    managed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    assert len(managed) >= 8  # 4 from the xen plugin, motd and 3 sample files
+    point = 0
+    while True:
+        point += 1
+        work = tmp_path / f"crash-{point}"
+        shutil.copytree(site, work, symlinks=True)
+        root = work / "hosts" / "arch-grub"
+        r = run_xenrun("setup", "--config", work / "plugins.toml", "--host", "arch-grub", "--yes",
+                       env={"XENRUN_CRASH_AT": str(point)})
+        if r.returncode == 0:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        now = file_map(root)
+        for path in managed:
+            assert now.get(path) in (old.get(path), new.get(path)), f"{path} partial after kill at point {point}"
+        leftovers = [p for p in now if p.endswith(".xenrun-tmp")]
+        assert point or leftovers == []
+        r = run_xenrun("setup", "--config", work / "plugins.toml", "--host", "arch-grub", "--yes")
+        assert r.returncode == 0, f"point {point}: {r.stderr}"
+        assert file_map(root) == new, f"did not converge after a kill at point {point}"
+        assert not [p for p in file_map(root) if p.endswith(".xenrun-tmp")]
+        r, again = setup_json(work, "arch-grub", "--dry")
+        assert again["summary"]["changed"] == 0
+        shutil.rmtree(work)
+    crash_points = point - 1
+    print(f"crash points exercised: {crash_points} for {len(managed)} managed files")
+    assert crash_points >= len(managed) * 2
+
+
+def test_two_concurrent_applies_exactly_one_proceeds(site):
+    root = with_sample(site, "arch-grub", 'command = ["sleep", "3"]')
+    cmd = [sys.executable, "-m", "xenrun", "setup", "--config", str(site / "plugins.toml"),
+           "--host", "arch-grub", "--yes"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = root / "var/lib/xenrun/lock"
+    deadline = time.time() + 30
+    while time.time() < deadline and not (lock.exists() and lock.read_text().startswith("pid")):
+        time.sleep(0.05)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert second.returncode == 2
+    assert f"pid {first.pid}" in second.stderr and "holds the lock" in second.stderr
+
+
+def test_rollback_restores_the_last_runs_originals(site):
+    root = site / "hosts" / "arch-grub"
+    original = tree_hash(root, skip_state=True)
+    assert setup_json(site, "arch-grub", "--yes")[0].returncode == 0
+    applied = tree_hash(root, skip_state=True)
+    r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry")
+    assert r.returncode == 0 and "-none /proc/xen xenfs defaults 0 0" in r.stdout
+    assert tree_hash(root, skip_state=True) == applied
+    r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert tree_hash(root, skip_state=True) == original
+    r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert "no run to roll back" in r.stdout
+
+
+def test_rollback_refuses_to_overwrite_a_later_edit(site):
+    root = site / "hosts" / "arch-grub"
+    assert setup_json(site, "arch-grub", "--yes")[0].returncode == 0
+    with open(root / "etc/fstab", "a") as f:
+        f.write("# edited by hand after xenrun\n")
+    before = tree_hash(root)
+    r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 1 and "/etc/fstab was changed after run" in r.stderr
+    assert tree_hash(root) == before

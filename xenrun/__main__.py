@@ -1,0 +1,3 @@
+from xenrun.cli import main
+
+main()
