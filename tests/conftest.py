@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-HOSTS = ("arch-grub", "arch-uefi", "arch-syslinux")
+HOSTS = ("arch-grub", "arch-uefi", "arch-syslinux", "debian-grub")
 STATE = "var/lib/xenrun"
 
 

@@ -24,20 +24,28 @@ def _sample_plugin_on_path(sample_plugin, monkeypatch):
 
 
 def setup_json(site, host, *extra, env=None):
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", host, "--format", "json", *extra, env=env)
+    """`xenrun setup --format json` on an example host; --files-only, since the
+    example roots hold no programs for the commands (tests that want commands to
+    run give the root busybox)."""
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", host, "--format", "json", "--files-only",
+                   *extra, env=env)
     return r, (json.loads(r.stdout) if r.stdout.strip() else None)
 
 
-def with_sample(site, host, settings: str, applets=("true", "false", "sleep")):
-    """Select the third-party sample plugin for ``host`` with ``settings``, and give
-    the machine root busybox so its command really runs there with chroot."""
+def with_sample(site, settings: str, applets=("true", "false", "sleep")):
+    """A host "lab" (a copy of the arch-grub root, no boot plugin) that selects the
+    third-party sample plugin with ``settings``; its root gets busybox so the
+    sample's command really runs there with chroot."""
+    import shutil
+    root = site / "hosts" / "lab"
+    shutil.copytree(site / "hosts" / "arch-grub", root, symlinks=True)
+    (root / "etc/hostname").write_text("lab\n")
     text = (site / "plugins.toml").read_text()
-    text = re.sub(rf"^(\[hosts\.{host}\].*)$", r'\1\nplugins = ["sample"]', text, count=1, flags=re.M)
-    assert 'plugins = ["sample"]' in text
-    text += f"\n[hosts.{host}.plugin.sample]\n{settings}\n"
+    text += f'\n[hosts.lab]\nroot = "hosts/lab"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
+    text += f"\n[hosts.lab.plugin.sample]\n{settings}\n"
     (site / "plugins.toml").write_text(text)
-    add_busybox(site / "hosts" / host, *applets)
-    return site / "hosts" / host
+    add_busybox(root, *applets)
+    return root
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -69,62 +77,63 @@ def test_dry_writes_nothing_and_predicts_exactly_what_apply_changes(site, host):
 
 
 def test_text_plan_shows_diffs_and_summary(site):
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry")
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry", "--files-only")
     assert r.returncode == 0, r.stderr
     assert "+none /proc/xen xenfs defaults 0 0" in r.stdout
-    assert "Plan: 4 to change, 1 unchanged, 0 left for the host." in r.stdout
+    assert "! $ grub-mkconfig -o /boot/grub/grub.cfg" in r.stdout
+    assert re.search(r"^Plan: 9 to change, 1 unchanged, 4 left for the host\.$", r.stdout, re.M)
 
 
 def test_no_terminal_and_no_yes_only_plans(site):
     before = tree_hash(site)
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub")
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--files-only")
     assert r.returncode == 0 and "Not applied" in r.stdout + r.stderr
     assert tree_hash(site) == before
 
 
 def test_failing_command_leaves_the_tree_byte_identical(site):
-    root = with_sample(site, "arch-grub", 'files = 3\ncommand = ["false"]')
+    root = with_sample(site, 'files = 3\ncommand = ["false"]')
     before = tree_hash(root, skip_state=True)
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 1, r.stderr
     assert "command false failed" in r.stderr and "put back" in r.stderr
     assert tree_hash(root, skip_state=True) == before
 
 
 def test_failing_validator_leaves_the_tree_byte_identical(site):
-    root = with_sample(site, "arch-grub", 'validate = ["grep", "-q", "not-there", "{}"]')
+    root = with_sample(site, 'validate = ["grep", "-q", "not-there", "{}"]')
     before = tree_hash(root, skip_state=True)
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 1
     assert "rejected the new /etc/motd" in r.stderr
     assert tree_hash(root, skip_state=True) == before
 
 
 def test_validator_that_passes_lets_the_file_go_live(site):
-    root = with_sample(site, "arch-grub", 'motd = "ok-host"\nvalidate = ["grep", "-q", "ok", "{}"]')
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    root = with_sample(site, 'motd = "ok-host"\nvalidate = ["grep", "-q", "ok", "{}"]')
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 0, r.stderr
     assert (root / "etc/motd").read_text() == "ok-host\n"
 
 
 def test_command_runs_inside_the_root_with_chroot(site):
-    root = with_sample(site, "arch-grub", 'command = ["touch", "/ran-inside"]', applets=("touch",))
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    root = with_sample(site, 'command = ["touch", "/ran-inside"]', applets=("touch",))
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 0, r.stderr
     assert (root / "ran-inside").exists()
-    r, again = setup_json(site, "arch-grub", "--dry")
+    r, again = setup_json(site, "lab", "--dry")
     assert again["summary"]["changed"] == 0
 
 
 def test_command_that_cannot_run_stops_before_anything_changes(site):
-    root = with_sample(site, "arch-grub", 'command = ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]', applets=())
+    root = with_sample(site, 'command = ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]', applets=())
     (root / "usr/bin/grub-mkconfig").unlink()
     before = tree_hash(site)
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 2
     assert "cannot run" in r.stderr and "--files-only" in r.stderr and "nothing was changed" in r.stderr
     assert tree_hash(site) == before
-    r, report = setup_json(site, "arch-grub", "--yes", "--files-only")
+    r, report = setup_json(site, "lab", "--yes", "--files-only")
     assert r.returncode == 0, r.stderr
     assert report["summary"]["pending"] == 1
     pending = [p for p in report["plan"] if p["action"] == "pending"]
@@ -145,8 +154,8 @@ def _managed_states(site, host, settings):
 def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(site, tmp_path):
     import shutil
     settings = 'files = 3\ncommand = ["true"]'
-    with_sample(site, "arch-grub", settings)
-    old, new = _managed_states(site, "arch-grub", settings)
+    with_sample(site, settings)
+    old, new = _managed_states(site, "lab", settings)
     managed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
     assert len(managed) >= 8  # 4 from the xen plugin, motd and 3 sample files
     point = 0
@@ -154,8 +163,8 @@ def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(sit
         point += 1
         work = tmp_path / f"crash-{point}"
         shutil.copytree(site, work, symlinks=True)
-        root = work / "hosts" / "arch-grub"
-        r = run_xenrun("setup", "--config", work / "plugins.toml", "--host", "arch-grub", "--yes",
+        root = work / "hosts" / "lab"
+        r = run_xenrun("setup", "--config", work / "plugins.toml", "--host", "lab", "--yes",
                        env={"XENRUN_CRASH_AT": str(point)})
         if r.returncode == 0:
             break
@@ -165,11 +174,11 @@ def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(sit
             assert now.get(path) in (old.get(path), new.get(path)), f"{path} partial after kill at point {point}"
         leftovers = [p for p in now if p.endswith(".xenrun-tmp")]
         assert point or leftovers == []
-        r = run_xenrun("setup", "--config", work / "plugins.toml", "--host", "arch-grub", "--yes")
+        r = run_xenrun("setup", "--config", work / "plugins.toml", "--host", "lab", "--yes")
         assert r.returncode == 0, f"point {point}: {r.stderr}"
         assert file_map(root) == new, f"did not converge after a kill at point {point}"
         assert not [p for p in file_map(root) if p.endswith(".xenrun-tmp")]
-        r, again = setup_json(work, "arch-grub", "--dry")
+        r, again = setup_json(work, "lab", "--dry")
         assert again["summary"]["changed"] == 0
         shutil.rmtree(work)
     crash_points = point - 1
@@ -178,9 +187,9 @@ def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(sit
 
 
 def test_two_concurrent_applies_exactly_one_proceeds(site):
-    root = with_sample(site, "arch-grub", 'command = ["sleep", "3"]')
+    root = with_sample(site, 'command = ["sleep", "3"]')
     cmd = [sys.executable, "-m", "xenrun", "setup", "--config", str(site / "plugins.toml"),
-           "--host", "arch-grub", "--yes"]
+           "--host", "lab", "--yes"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = root / "var/lib/xenrun/lock"
     deadline = time.time() + 30

@@ -191,7 +191,7 @@ class Applier:
         change = outcome.change
         if isinstance(change, RunCommand):
             for path in change.writes:
-                self._save(path)
+                self._save(path, follow=False)  # a link the command replaces comes back as a link
             self.log.info("running", command=" ".join(change.argv), step=change.step)
             result = self.target.run(change.argv)
             self.journal.write(op="ran", argv=list(change.argv), rc=result.rc)
@@ -264,6 +264,13 @@ def _describe(change) -> str:
     if isinstance(change, RunCommand):
         return f"command {' '.join(change.argv)}"
     return f"{change.kind} {getattr(change, 'path', '')}".strip()
+
+
+def remove_created_folders(target, run_id: str) -> None:
+    """After a rollback: remove the folders run ``run_id`` created, if empty."""
+    for record in reversed(Journal.read(target, run_id).records):
+        if record.get("op") == "mkdir":
+            target.rmdir(record["path"])
 
 
 def rollback_changes(target) -> tuple[str | None, list]:

@@ -88,32 +88,29 @@ _COMMON_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"Kernel panic - not syncing"), "dom0 kernel panicked"),
 )
 
-# Loader messages: only believed before Xen starts, because a dom0 kernel
-# can print "error:" or "failed" lines that are harmless.
-_LOADER_FAILURES: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
-    "grub": (
-        (re.compile(r"\berror: "), "GRUB error"),
-        (re.compile(r"No bootable device|Boot failed"), "firmware found nothing to boot"),
-    ),
-    "syslinux": (
-        (re.compile(r"Could not find kernel image|not found|Boot failed|[Ff]ailed|Invalid"),
-         "Syslinux/mboot.c32 error"),
-        (re.compile(r"No bootable device"), "firmware found nothing to boot"),
-    ),
-    "uefi": (
-        # xen.efi's loader reports e.g. "Open failed for vmlinuz: Not Found".
-        (re.compile(r"failed for |Couldn't |Unable to |Not Found", re.I), "xen.efi loader error"),
-        (re.compile(r"No bootable option|failed to load Boot|Access Denied"), "OVMF could not boot the ESP"),
-    ),
+# Loader messages, only believed before Xen starts (a dom0 kernel can print
+# harmless "error:" or "failed" lines).  "Soft" ones may be survivable: GRUB
+# prints "error: Can't get controller info" without a graphics card and boots
+# anyway, so they fail the boot only if Xen has not started within
+# _LOADER_GRACE_SECONDS.  "Final" ones mean the loader has given up.
+_LOADER_SOFT: dict[str, tuple[re.Pattern[str], ...]] = {
+    "grub": (re.compile(r"\berror: "),),
+    "syslinux": (re.compile(r"Could not find kernel image|not found|[Ff]ailed|Invalid|No files found"),),
+    # xen.efi's loader reports e.g. "Open failed for vmlinuz: Not found".
+    "uefi": (re.compile(r"failed for |Couldn't |Unable to |Not found", re.I),),
 }
-
-# Interactive prompts arrive without a newline, so they are looked for in the
-# unterminated tail of the console stream.
-_PROMPTS: dict[str, tuple[re.Pattern[str], str]] = {
-    "grub": (re.compile(r"grub> ?$"), "GRUB dropped to its command prompt"),
-    "syslinux": (re.compile(r"boot: ?$"), "Syslinux stopped at its boot: prompt"),
-    "uefi": (re.compile(r"Shell> ?$"), "OVMF dropped to the UEFI shell"),
+_LOADER_FINAL: dict[str, tuple[re.Pattern[str], ...]] = {
+    # GRUB waits for a key after a menu entry failed; prompts come without a
+    # newline, so these are also matched against the unterminated tail.
+    "grub": (re.compile(r"Press any key to continue"), re.compile(r"^grub> ?$"),
+             re.compile(r"No bootable device|Boot failed")),
+    "syslinux": (re.compile(r"^boot: ?$"), re.compile(r"Boot failed|No bootable device")),
+    "uefi": (re.compile(r"Shell> ?$"), re.compile(r"No bootable option|BdsDxe: failed to load|Access Denied"),
+             # xen.efi returned to the firmware, which falls back to its menu.
+             re.compile(r'BdsDxe: (loading|starting) Boot\w+ "UiApp"')),
 }
+_LOADER_NAMES = {"grub": "GRUB", "syslinux": "Syslinux", "uefi": "UEFI/xen.efi"}
+_LOADER_GRACE_SECONDS = 4.0
 
 # After a failure line, keep reading briefly: Xen prints the panic reason on
 # the lines following "Panic on CPU".
@@ -451,97 +448,32 @@ def boot(
     workdir = Path(workdir) if workdir else image.parent
     argv = qemu_command(image, kind, workdir, cpu=cpu, memory_mb=memory_mb, smp=smp)
 
-    markers: list[tuple[re.Pattern[str], str]] = list(STAGES)
-    for m in extra_markers:
-        text, name = (m, m) if isinstance(m, str) else (m[0], m[1])
-        markers.append((re.compile(re.escape(text)), name))
-    failures = _COMMON_FAILURES
-    loader_failures = _LOADER_FAILURES[kind]
-    prompt_re, prompt_reason = _PROMPTS[kind]
-
-    log: list[str] = []
-    marker_seconds: dict[str, float] = {}
-    stage = ""
-    ok = False
-    reason = ""
-    failure_at: float | None = None  # collecting context after a failure line
-    failure_lines = 0
-    xen_started = False
-
+    watcher = _Watcher(kind, require, extra_markers, progress)
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        # Own process group, so an interrupted caller's Ctrl-C does not hit
-        # QEMU before our cleanup does.
+        # Own process group: a Ctrl-C aimed at the caller must not kill QEMU
+        # behind our back, and killpg below reaches anything QEMU spawned.
         start_new_session=True,
     )
     sel = selectors.DefaultSelector()
     stderr_chunks: list[bytes] = []
+    pending = b""
     try:
         assert proc.stdout is not None and proc.stderr is not None
         for f in (proc.stdout, proc.stderr):
             os.set_blocking(f.fileno(), False)
             sel.register(f, selectors.EVENT_READ)
-        pending = b""
         open_streams = 2
-
-        def handle(line: str) -> bool:
-            """Digest one console line; True when a verdict is final."""
-            nonlocal stage, ok, reason, failure_at, failure_lines, xen_started
-            now = time.monotonic() - start
-            log.append(line)
-            if failure_at is not None:
-                reason += "\n" + line.strip()
-                failure_lines += 1
-                return failure_lines >= _FAILURE_CONTEXT_LINES
-            for rx, name in markers:
-                if name not in marker_seconds and rx.search(line):
-                    marker_seconds[name] = round(now, 2)
-                    if name in STAGE_NAMES:
-                        stage = name
-                    if name == "xen started":
-                        xen_started = True
-                    if progress:
-                        progress(name)
-                    if name == require:
-                        ok = True
-                        reason = f"reached {name!r} after {now:.1f} s"
-                        return True
-            if HYPERVISOR_MARKER in line:
-                value = line.split(HYPERVISOR_MARKER, 1)[1].strip()
-                if value != "xen":
-                    reason = f"dom0 userspace reports hypervisor type {value!r}, not 'xen': {line.strip()}"
-                    failure_at = now
-                    return True
-            checks = failures if xen_started else failures + loader_failures
-            for rx, what in checks:
-                if rx.search(line):
-                    reason = f"{what}: {line.strip()}"
-                    failure_at = now
-                    return False  # keep reading a little for the details
-            return False
-
-        done = False
-        while not done:
-            now = time.monotonic()
-            if failure_at is not None and now - start - failure_at >= _FAILURE_CONTEXT_SECONDS:
+        while open_streams and not watcher.finished(time.monotonic() - start):
+            elapsed = time.monotonic() - start
+            if elapsed >= timeout:
+                watcher.timed_out(timeout)
                 break
-            remaining = timeout - (now - start)
-            if remaining <= 0:
-                if failure_at is None:
-                    reason = (f"timeout after {timeout:.0f} s waiting for {require!r}; "
-                              f"last stage reached: {stage or 'none'}")
-                break
-            wait = min(remaining, 0.5)
-            if failure_at is not None:
-                wait = min(wait, max(0.05, _FAILURE_CONTEXT_SECONDS - (now - start - failure_at)))
-            if open_streams == 0:
-                # QEMU closed both pipes: it has exited (or is about to).
-                break
-            for key, _ in sel.select(wait):
+            for key, _ in sel.select(min(timeout - elapsed, watcher.next_wakeup(elapsed))):
                 try:
                     chunk = os.read(key.fileobj.fileno(), 65536)
                 except BlockingIOError:
@@ -549,33 +481,20 @@ def boot(
                 if not chunk:
                     sel.unregister(key.fileobj)
                     open_streams -= 1
-                    continue
-                if key.fileobj is proc.stderr:
+                elif key.fileobj is proc.stderr:
                     stderr_chunks.append(chunk)
-                    continue
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    if handle(_clean(raw.decode("utf-8", "replace"))):
-                        done = True
-                        break
-                if done:
-                    break
-                if failure_at is None and not xen_started:
-                    tail = _clean(pending.decode("utf-8", "replace"))
-                    if prompt_re.search(tail):
-                        log.append(tail)
-                        pending = b""
-                        reason = f"{prompt_reason} (see log for the messages before it)"
-                        failure_at = time.monotonic() - start
-                        # Nothing else will come from an idle prompt.
-                        done = True
-        if pending:
-            log.append(_clean(pending.decode("utf-8", "replace")))
-        if not ok and not reason:
-            rc = proc.poll()
-            reason = (f"QEMU exited (status {rc}) before {require!r}; "
-                      f"last stage reached: {stage or 'none'}")
+                else:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        watcher.line(_clean(raw.decode("utf-8", "replace")), time.monotonic() - start)
+                        if watcher.finished(time.monotonic() - start):
+                            break
+                    else:
+                        watcher.tail(_clean(pending.decode("utf-8", "replace")), time.monotonic() - start)
+        if not open_streams:
+            # Both pipes closed: QEMU is gone.
+            watcher.exited(proc.wait(timeout=5))
     finally:
         sel.close()
         if proc.poll() is None:
@@ -584,11 +503,11 @@ def boot(
             except ProcessLookupError:
                 pass
         proc.wait()
-        # Pick up whatever QEMU said on stderr (bad options, missing files).
         for f in (proc.stdout, proc.stderr):
             if f is None:
                 continue
             try:
+                # QEMU's stderr explains bad options or unreadable images.
                 os.set_blocking(f.fileno(), True)
                 rest = f.read()
                 if f is proc.stderr and rest:
@@ -598,11 +517,146 @@ def boot(
             f.close()
 
     seconds = round(time.monotonic() - start, 2)
-    err = b"".join(stderr_chunks).decode("utf-8", "replace").strip()
+    log = watcher.log
+    if pending:
+        log.append(_clean(pending.decode("utf-8", "replace")))
     text = "\n".join(log)
+    err = b"".join(stderr_chunks).decode("utf-8", "replace").strip()
+    reason = watcher.reason
     if err:
         text += "\n--- qemu stderr ---\n" + err
-        if not ok and not marker_seconds:
+        if not watcher.ok and not watcher.marker_seconds:
             reason += f"\nqemu stderr: {err[-1000:]}"
-    return BootResult(ok=ok, stage=stage, seconds=seconds, marker_seconds=marker_seconds,
-                      log=text, reason=reason)
+    return BootResult(ok=watcher.ok, stage=watcher.stage, seconds=seconds,
+                      marker_seconds=dict(watcher.marker_seconds), log=text, reason=reason)
+
+
+class _Watcher:
+    """Turns console lines into stages and a verdict (kept apart from the I/O)."""
+
+    def __init__(self, kind: str, require: str, extra_markers: Iterable[str | tuple[str, str]],
+                 progress: Callable[[str], None] | None) -> None:
+        self.kind, self.require, self.progress = kind, require, progress
+        self.markers: list[tuple[re.Pattern[str], str]] = list(STAGES)
+        for m in extra_markers:
+            text, name = (m, m) if isinstance(m, str) else (m[0], m[1])
+            self.markers.append((re.compile(re.escape(text)), name))
+        self.soft = _LOADER_SOFT[kind]
+        self.final = _LOADER_FINAL[kind]
+        self.loader = _LOADER_NAMES[kind]
+        self.log: list[str] = []
+        self.marker_seconds: dict[str, float] = {}
+        self.stage = ""
+        self.ok = False
+        self.reason = ""
+        self.xen_started = False
+        self.loader_errors: list[str] = []
+        self.loader_error_at: float | None = None
+        self.failed_at: float | None = None  # set once the boot has failed
+        self.context_lines = 0
+        self.done = False  # no more reading needed at all
+
+    # -- verdict ---------------------------------------------------------------
+    def finished(self, now: float) -> bool:
+        if self.done:
+            return True
+        if self.failed_at is not None:
+            # Give the failure's explanation (Xen's panic text) time to arrive.
+            return now - self.failed_at >= _FAILURE_CONTEXT_SECONDS
+        if (self.loader_error_at is not None and not self.xen_started
+                and now - self.loader_error_at >= _LOADER_GRACE_SECONDS):
+            self._fail(now, f"{self.loader} error, Xen did not start: " + " | ".join(self.loader_errors))
+            self.done = True
+        return self.done
+
+    def next_wakeup(self, now: float) -> float:
+        """How long the reader may block before :meth:`finished` must be asked again."""
+        wake = 0.5
+        if self.failed_at is not None:
+            wake = _FAILURE_CONTEXT_SECONDS - (now - self.failed_at)
+        elif self.loader_error_at is not None and not self.xen_started:
+            wake = _LOADER_GRACE_SECONDS - (now - self.loader_error_at)
+        return max(0.02, min(wake, 0.5))
+
+    def _fail(self, now: float, reason: str) -> None:
+        if self.failed_at is None:
+            self.failed_at = now
+            self.reason = reason
+
+    def timed_out(self, timeout: float) -> None:
+        if self.failed_at is None and not self.ok:
+            self.reason = (f"timeout after {timeout:g} s waiting for {self.require!r}; "
+                           f"last stage reached: {self.stage or 'none'}")
+            if self.loader_errors:
+                self.reason += f"; {self.loader} said: " + " | ".join(self.loader_errors)
+
+    def exited(self, status: int | None) -> None:
+        if self.failed_at is None and not self.ok:
+            self.reason = (f"QEMU exited (status {status}) before {self.require!r}; "
+                           f"last stage reached: {self.stage or 'none'}")
+
+    # -- input -----------------------------------------------------------------
+    def tail(self, text: str, now: float) -> None:
+        """The unterminated end of the stream: where prompts wait for input."""
+        if self.failed_at is None and not self.xen_started and text.strip():
+            for rx in self.final:
+                if rx.search(text):
+                    self._loader_gave_up(text, now)
+                    return
+
+    def _loader_gave_up(self, line: str, now: float) -> None:
+        said = " | ".join(self.loader_errors)
+        self._fail(now, f"{self.loader} failed: {said + ' | ' if said else ''}{line.strip()}")
+        # An idle prompt or menu prints nothing more worth waiting for.
+        self.done = True
+
+    def line(self, line: str, now: float) -> None:
+        """Digest one complete console line."""
+        self.log.append(line)
+        if self.done or self.ok:
+            return
+        if self.failed_at is not None:
+            if line.strip():
+                self.reason += "\n" + line.strip()
+                self.context_lines += 1
+                if self.context_lines >= _FAILURE_CONTEXT_LINES:
+                    self.done = True
+            return
+        for rx, name in self.markers:
+            if name not in self.marker_seconds and rx.search(line):
+                self.marker_seconds[name] = round(now, 2)
+                if name in STAGE_NAMES:
+                    self.stage = name
+                if name == "xen started":
+                    self.xen_started = True
+                if self.progress:
+                    self.progress(name)
+                if name == self.require:
+                    self.ok = True
+                    self.done = True
+                    self.reason = f"reached {name!r} after {now:.1f} s"
+                    return
+        if HYPERVISOR_MARKER in line:
+            value = line.split(HYPERVISOR_MARKER, 1)[1].strip()
+            if value != "xen":
+                self._fail(now, f"dom0 userspace reports hypervisor type {value!r}, not 'xen'")
+                self.done = True
+                return
+        for rx, what in _COMMON_FAILURES:
+            if rx.search(line):
+                self._fail(now, f"{what}: {line.strip()}")
+                if self.loader_errors:
+                    self.reason += f"\n({self.loader} said earlier: " + " | ".join(self.loader_errors) + ")"
+                return
+        if self.xen_started:
+            return
+        for rx in self.final:
+            if rx.search(line):
+                self._loader_gave_up(line, now)
+                return
+        for rx in self.soft:
+            if rx.search(line):
+                self.loader_errors.append(line.strip())
+                if self.loader_error_at is None:
+                    self.loader_error_at = now
+                return

@@ -53,15 +53,17 @@ class WriteFile(Change):
 class EnsureLine(Change):
     """``line`` is present in the file at ``path``. A line matching the regular
     expression ``replace`` is replaced by it instead of adding a second one; the file
-    is created (with ``mode``) if missing."""
+    is created (with ``mode``) if missing. ``validate`` as for WriteFile."""
 
     path: str
     line: str
     replace: str | None = None
     mode: int = 0o644
+    validate: tuple[str, ...] = ()
 
     def __post_init__(self):
         _path(self.path)
+        object.__setattr__(self, "validate", tuple(self.validate))
         if "\n" in self.line:
             raise ValueError("EnsureLine: line must not contain a newline")
 
@@ -150,3 +152,19 @@ class RunCommand(Change):
 
 
 FILE_CHANGES = (WriteFile, EnsureLine, Symlink, CopyFile, RemoveFile, SparseFile)
+
+
+@dataclass(frozen=True)
+class BootEntry:
+    """Not a change: how a boot plugin's planned Xen entry boots, so that
+    ``xenrun boot-check`` can boot it in QEMU before anyone reboots the host.
+
+    ``kind`` is "grub", "syslinux" or "uefi"; ``config`` the text of the loader's
+    configuration as the image holds it, at ``config_path`` inside the image;
+    ``files`` maps paths inside the image to the host files they are copied from
+    (Xen, the kernel, the initramfs, loader modules)."""
+
+    kind: str
+    config: str
+    config_path: str
+    files: dict[str, str]

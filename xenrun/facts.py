@@ -104,17 +104,25 @@ def parse_cpuinfo(text: str) -> dict:
 
 def parse_os_release(text: str) -> dict:
     """/etc/os-release (shell-style KEY=value) -> dict with lower-case keys."""
+    return {k.lower(): v for k, v in parse_shell_vars(text).items()}
+
+
+def parse_shell_vars(text: str) -> dict:
+    """Plain ``KEY=value`` assignments of a shell fragment (/etc/default/grub,
+    os-release), quotes removed; lines that are not plain assignments are skipped."""
     out = {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            continue
         try:
-            words = shlex.split(value)
+            words = shlex.split(value, comments=True)
         except ValueError:
             words = [value.strip("\"'")]
-        out[key.strip().lower()] = words[0] if words else ""
+        out[key.strip()] = words[0] if words else ""
     return out
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from xenrun import hookspec
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from xenrun.changes import Change
+    from xenrun.changes import BootEntry, Change
     from xenrun.config import Host
     from xenrun.domains import Domain, DomainDisk
     from xenrun.facts import Facts, Probe
@@ -82,6 +82,33 @@ def configure_boot(facts: Facts, host: Host, xen_options: list[str]) -> list[Cha
     gathered from xen_options.
     Returns: a list of Changes; None means "not mine" (the next plugin is asked).
     First result wins: a host selects exactly one boot plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def boot_entry(facts: Facts, host: Host, xen_options: list[str], linux_options: list[str]) -> BootEntry | None:
+    """Describe the Xen boot entry that configure_boot plans, as a bootable image
+    would hold it, for ``xenrun boot-check``.
+
+    When: only by boot-check, after detect_hardware and xen_options.
+    Parameters: ``facts``; ``host``; ``xen_options`` the hypervisor command line
+    (boot-check adds a serial console); ``linux_options`` more dom0 kernel options
+    (boot-check adds ``console=hvc0``).
+    Returns: a BootEntry; None means "not mine".
+    First result wins: the host's one boot plugin answers.
+    """
+
+
+@hookspec(firstresult=True)
+def promote_xen(facts: Facts, host: Host) -> list[Change] | None:
+    """Make the Xen entry the default boot entry, once Xen has been seen to boot
+    (S10, S15): until then the old Linux entry stays the default.
+
+    When: by ``xenrun promote``, after the core checked that the host runs as
+    Xen's Domain-0 (``xl list``).
+    Parameters: ``facts``; ``host``.
+    Returns: a list of Changes; None means "not mine".
+    First result wins: the host's one boot plugin answers.
     """
 
 

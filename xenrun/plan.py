@@ -200,7 +200,7 @@ def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str]
     if change.unless is not None:
         blocked = target.cannot_run(change.unless)
         if blocked:
-            reasons.append(f"cannot check ({' '.join(change.unless)}: {blocked})")
+            reasons.append(f"cannot check whether done ({change.unless[0]} cannot run)")
         elif target.run(change.unless, timeout=60).rc != 0:
             reasons.append(f"{' '.join(change.unless)} says not done")
     if not reasons:
@@ -210,5 +210,6 @@ def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str]
         return Outcome(change, UNCHANGED, "; ".join(done))
     blocked = target.cannot_run(change.argv)
     if blocked:
-        return Outcome(change, PENDING, f"left for the host: {blocked} ({'; '.join(reasons)})", diff=f"$ {word}\n")
+        return Outcome(change, PENDING, f"left for the host: {blocked}; needed: {'; '.join(reasons)}",
+                       diff=f"$ {word}\n")
     return Outcome(change, CHANGE, "; ".join(reasons), diff=f"$ {word}\n")

@@ -4,6 +4,7 @@ distribution. A plugin reads ``profile_for(facts)``."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from xenrun.errors import PlanError
@@ -73,3 +74,47 @@ def profile_for(facts) -> Profile:
     raise PlanError(
         f"distribution {distro.get('pretty_name') or distro.get('id') or 'unknown'!r} is not supported"
         f" (supported: {', '.join(p.name for p in PROFILES.values())}; /etc/os-release ID or ID_LIKE)")
+
+
+def _version_key(path: str) -> list:
+    """Natural sort: "vmlinuz-6.1.0-10-amd64" after "vmlinuz-6.1.0-9-amd64"."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """What a boot entry loads, as paths on the host: the Xen image (multiboot .gz
+    for GRUB and Syslinux, EFI binary for UEFI), the dom0 kernel and initramfs,
+    and the kernel's root= and options."""
+
+    xen: str
+    kernel: str
+    initramfs: str
+    root: str
+    options: tuple[str, ...]
+
+
+def boot_files(facts, efi: bool = False) -> BootFiles:
+    """Pick Xen, the dom0 kernel and its initramfs from the facts, per distribution:
+    Arch's vmlinuz-linux and initramfs-linux.img, Debian's newest
+    vmlinuz-VERSION and initrd.img-VERSION. Clear errors when one is missing."""
+    profile = profile_for(facts)
+    kernels = sorted(facts.kernels, key=_version_key)
+    if not kernels:
+        raise PlanError("no kernel /boot/vmlinuz-* found on the host: install one first")
+    kernel = "/boot/vmlinuz-linux" if "/boot/vmlinuz-linux" in kernels else kernels[-1]
+    initramfs = profile.initramfs_for.format(kernel.removeprefix("/boot/vmlinuz-"))
+    images = sorted((i for i in facts.xen_images if i.endswith(".efi" if efi else ".gz")), key=_version_key)
+    if not images:
+        if efi:
+            raise PlanError(
+                "no Xen EFI binary found (looked for " + profile.xen_efi_glob + "): the xen package builds"
+                " xen.efi only when binutils supports x86_64-pep (see the article's UEFI section, S9);"
+                " rebuild binutils and xen with it, or boot Xen through GRUB")
+        raise PlanError("no Xen image /boot/xen*.gz found: is Xen installed (S6)?")
+    versioned = [i for i in images if re.search(r"xen-\d", i)]
+    root = facts.kernel_cmdline.get("root") or facts.root_device
+    if not root:
+        raise PlanError("cannot tell the root file system (no / in /etc/fstab, no root= on /proc/cmdline)")
+    options = tuple(facts.kernel_cmdline.get("options", [])) or ("rw",)
+    return BootFiles((versioned or images)[-1], kernel, initramfs, root, options)

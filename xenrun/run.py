@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import structlog
 
 from xenrun import plugins as registry
-from xenrun.apply import STATE_DIR, Applier, Journal, rollback_changes, run_ids
+from xenrun.apply import STATE_DIR, Applier, Journal, remove_created_folders, rollback_changes, run_ids
 from xenrun.changes import Change
 from xenrun.config import Host, HostSpec, Site, load_site
 from xenrun.errors import TargetError, UsageError
@@ -166,9 +166,9 @@ def blocked(outcomes: list[Outcome], target) -> str | None:
     stuck = [o for o in outcomes if o.action == PENDING]
     if stuck and not target.files_only:
         first = stuck[0]
-        return (f"{target}: {len(stuck)} command(s) cannot run here, first: {' '.join(first.change.argv)}"
-                f" ({first.reason}); nothing was changed. Give --files-only to write the files and"
-                " leave the commands for the host")
+        why = first.reason.removeprefix("left for the host: ").split("; needed:")[0]
+        return (f"{target}: {len(stuck)} command(s) cannot run here, first {' '.join(first.change.argv)}: {why};"
+                " nothing was changed. Give --files-only to write the files and leave the commands for the host")
     return None
 
 
@@ -256,6 +256,7 @@ def rollback(options: Options, confirm) -> Result:
                 result.status = "not applied"
                 return result
             done = Applier(p.target, p.host.name, log, kind="rollback", rollback_of=run_id).apply(outcomes)
+            remove_created_folders(p.target, run_id)
             if done["run"] is None:  # nothing differed: record the rollback all the same
                 j = Journal(p.target, f"{run_id}-rb")
                 p.target.makedirs(j.folder)

@@ -231,15 +231,20 @@ class LocalTarget:
         if os.geteuid() != 0:
             return f"running commands inside {self.root} needs chroot, which needs root"
         if self.find_program(argv[0]) is None:
-            return f"{argv[0]} is not installed inside {self.root}, so it cannot run there with chroot"
+            return f"{argv[0]} is not installed in {self.root} (commands run there with chroot)"
         return None
 
     def find_program(self, program: str) -> str | None:
+        """The program's path inside the target, if it is there and can run (an
+        ELF binary or a script with #!; anything else would fail under chroot)."""
         candidates = [program] if program.startswith("/") else [f"{d}/{program}" for d in SEARCH_PATH]
         for c in candidates:
             real = self.real(c)
             if real.is_file() and os.access(real, os.X_OK):
-                return c
+                with open(real, "rb") as f:
+                    magic = f.read(4)
+                if magic == b"\x7fELF" or magic[:2] == b"#!":
+                    return c
         return None
 
     def run(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,

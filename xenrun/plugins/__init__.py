@@ -20,6 +20,8 @@ from xenrun.errors import UsageError
 BUILTIN = {
     "facts": "xenrun.plugins.facts",
     "xen": "xenrun.plugins.xen",
+    "grub": "xenrun.plugins.grub",
+    "netctl": "xenrun.plugins.netctl",
 }
 ENTRY_POINT_GROUP = PROJECT
 

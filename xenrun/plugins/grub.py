@@ -1,0 +1,202 @@
+"""grub: boot Xen through GRUB (S7, S10, S14).
+
+Arch with the xen package's /etc/grub.d/09_xen: XEN_HYPERVISOR_CMDLINE in
+/etc/xen/grub.conf, then grub-mkconfig. Elsewhere GRUB's own 20_linux_xen reads
+GRUB_CMDLINE_XEN_DEFAULT: from /etc/default/grub.d/xen.cfg on Debian (with
+update-grub, and XEN_OVERRIDE_GRUB_DEFAULT=0 so Debian does not make Xen the
+default), from /etc/default/grub on Arch without 09_xen.
+
+Never lose the way back (S10): GRUB_DEFAULT=saved with the Linux entry saved as
+the default, and the Xen entry booted once with grub-reboot; `xenrun promote`
+makes Xen the default after it has been seen to boot. Xen is booted without
+`noreboot`, so a panic reboots into the old entry.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from xenrun import hookimpl
+from xenrun import settings as check
+from xenrun.changes import BootEntry, EnsureLine, RunCommand, WriteFile
+from xenrun.errors import PlanError
+from xenrun.facts import parse_shell_vars
+from xenrun.profiles import boot_files, profile_for
+from xenrun.settings import Setting
+
+log = structlog.get_logger()
+HELPER = "/usr/local/lib/xenrun/grub-xen"
+DEFAULT_GRUB = "/etc/default/grub"
+GRUBENV = "/boot/grub/grubenv"
+GRUB_CHECK = ("grub-script-check", "{}")  # for grub.cfg text (boot-check's image)
+# /etc/default/grub, grub.d/xen.cfg and /etc/xen/grub.conf are shell that
+# grub-mkconfig sources; Debian's stock copies use backticks and $(...), which
+# grub-script-check rejects, so they are checked as shell
+SHELL_CHECK = ("sh", "-n", "{}")
+
+# Installed on the host; finds the entries grub-mkconfig made (their titles and ids
+# differ between 09_xen and 20_linux_xen) and acts on them. Static text: every
+# value reaches it as an argument.
+HELPER_SCRIPT = r"""#!/bin/sh
+# Installed by xenrun's grub plugin (S10). Usage:
+#   grub-xen has-xen|once|keep-linux|promote|promoted [GRUB_CFG [BOOT_DIR]]
+# has-xen: exit 0 when GRUB_CFG has a Xen entry; once: boot it at the next boot
+# only (grub-reboot); keep-linux: save the first Linux entry as the default unless
+# a default is saved already; promote: make the Xen entry the default; promoted:
+# exit 0 when it is.
+set -eu
+action=${1:-}
+cfg=${2:-/boot/grub/grub.cfg}
+boot=${3:-/boot}
+
+entries() {  # "id<TAB>title" of every top-level menu entry, in order
+    awk '
+    /^menuentry / {
+        title = ""
+        if (match($0, /^menuentry '\''[^'\'']*'\''/)) title = substr($0, 12, RLENGTH - 12)
+        else if (match($0, /^menuentry "[^"]*"/)) title = substr($0, 12, RLENGTH - 12)
+        id = title
+        if (match($0, /\$menuentry_id_option '\''[^'\'']*'\''/)) id = substr($0, RSTART + 22, RLENGTH - 23)
+        printf "%s\t%s\n", id, title
+    }' "$cfg"
+}
+xen_entry() { entries | awk -F '\t' 'tolower($0) ~ /xen/ { print $1; exit }'; }
+linux_entry() { entries | awk -F '\t' 'tolower($0) !~ /xen/ { print $1; exit }'; }
+need() {
+    if [ -z "$1" ]; then echo "grub-xen: no $2 entry in $cfg" >&2; exit 1; fi
+}
+
+case $action in
+has-xen)
+    [ -n "$(xen_entry)" ] ;;
+once)
+    id=$(xen_entry); need "$id" Xen
+    grub-reboot --boot-directory="$boot" "$id" ;;
+keep-linux)
+    if grub-editenv "$boot/grub/grubenv" list 2>/dev/null | grep -q '^saved_entry='; then exit 0; fi
+    id=$(linux_entry); need "$id" Linux
+    grub-set-default --boot-directory="$boot" "$id" ;;
+promote)
+    id=$(xen_entry); need "$id" Xen
+    grub-set-default --boot-directory="$boot" "$id" ;;
+promoted)
+    id=$(xen_entry); need "$id" Xen
+    grub-editenv "$boot/grub/grubenv" list 2>/dev/null | grep -qxF "saved_entry=$id" ;;
+*)
+    echo "usage: grub-xen has-xen|once|keep-linux|promote|promoted [GRUB_CFG [BOOT_DIR]]" >&2; exit 2 ;;
+esac
+"""
+
+
+@hookimpl
+def declare_settings():
+    return {"grub": {
+        "once": Setting(check.boolean, True, "boot Xen once with grub-reboot after a change (S10)"),
+        "linux_options": Setting(check.words, [], "more dom0 kernel options for boot-check's entry"),
+    }}
+
+
+@hookimpl
+def detect_hardware(probe):
+    """The grub.d scripts, /etc/default/grub, and whether GRUB can write grubenv
+    (not on LVM or RAID: then grub-reboot cannot work)."""
+    boot_spec = None
+    for line in (probe.text("/etc/fstab") or "").splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and fields[1] in ("/boot", "/"):
+            boot_spec = fields[0] if fields[1] == "/boot" or boot_spec is None else boot_spec
+    return {
+        "grub_scripts": probe.listdir("/etc/grub.d"),
+        "grub_default": parse_shell_vars(probe.text(DEFAULT_GRUB) or ""),
+        "grub_env_device": boot_spec,
+    }
+
+
+def _env_unwritable(facts) -> str | None:
+    spec = facts.grub_env_device or ""
+    if spec.startswith(("/dev/mapper/", "/dev/md")) or spec.count("/") == 3 and spec.startswith("/dev/") \
+            and not spec.startswith(("/dev/disk/", "/dev/sd", "/dev/nvme", "/dev/vd", "/dev/hd", "/dev/xvd")):
+        return spec
+    return None
+
+
+def _xen_cmdline_file(facts, profile) -> tuple[str, str, tuple[str, ...]]:
+    """(file, variable, validator) holding the hypervisor command line."""
+    scripts = facts.grub_scripts
+    if profile.id == "arch" and "09_xen" in scripts:
+        return profile.grub_xen_file, profile.grub_xen_var, SHELL_CHECK
+    if "20_linux_xen" in scripts:
+        if profile.id == "debian":
+            return profile.grub_xen_file, profile.grub_xen_var, SHELL_CHECK
+        return DEFAULT_GRUB, "GRUB_CMDLINE_XEN_DEFAULT", SHELL_CHECK
+    raise PlanError("no GRUB script makes Xen entries (/etc/grub.d/09_xen from the xen package, or GRUB's own"
+                    f" 20_linux_xen); found: {', '.join(scripts) or 'no /etc/grub.d'}")
+
+
+@hookimpl
+def configure_boot(facts, host, xen_options):
+    if "grub" not in facts.bootloaders:
+        raise PlanError(f"{host.name}: GRUB is not installed (boot loaders found: "
+                        f"{', '.join(facts.bootloaders) or 'none'}); choose another boot plugin")
+    profile = profile_for(facts)
+    path, var, validate = _xen_cmdline_file(facts, profile)
+    cmdline = " ".join(xen_options)
+    changes = [EnsureLine(path, f'{var}="{cmdline}"', replace=rf"^\s*#?\s*{var}=", validate=validate,
+                          step="S7", why="the Xen command line (S14 settings)")]
+    if path == profile.grub_xen_file and profile.id == "debian":
+        changes.append(EnsureLine(path, "XEN_OVERRIDE_GRUB_DEFAULT=0", replace=r"^\s*#?\s*XEN_OVERRIDE_GRUB_DEFAULT=",
+                                  validate=validate, step="S10", why="keep Linux the default until Xen has booted"))
+    changes.append(EnsureLine(DEFAULT_GRUB, "GRUB_DEFAULT=saved", replace=r"^\s*#?\s*GRUB_DEFAULT=",
+                              validate=SHELL_CHECK, step="S10", why="boot the saved entry (Linux until promoted)"))
+    changes.append(WriteFile(HELPER, HELPER_SCRIPT, mode=0o755, step="S10", why="finds GRUB's Xen and Linux entries"))
+    changes.append(RunCommand(profile.grub_mkconfig, onchange=(path, DEFAULT_GRUB), writes=(profile.grub_cfg,),
+                              unless=(HELPER, "has-xen", profile.grub_cfg), step="S7",
+                              why="regenerate grub.cfg with the Xen entries"))
+    changes.append(RunCommand((HELPER, "keep-linux", profile.grub_cfg), onchange=(DEFAULT_GRUB,), writes=(GRUBENV,),
+                              step="S10", why="save the Linux entry as the default"))
+    if host.settings["grub"]["once"] and not facts.xen_dom0:
+        unwritable = _env_unwritable(facts)
+        if unwritable:
+            raise host.setting_error("grub", "once", f"/boot/grub/grubenv is on {unwritable} (LVM or RAID), which GRUB"
+                                     " cannot write, so grub-reboot cannot boot Xen once; set once = false and"
+                                     " choose the Xen entry at the GRUB menu")
+        changes.append(RunCommand((HELPER, "once", profile.grub_cfg), onchange=(path,), writes=(GRUBENV,),
+                                  step="S10", why="boot Xen at the next boot only; a failure falls back to Linux"))
+    return changes
+
+
+@hookimpl
+def promote_xen(facts, host):
+    profile = profile_for(facts)
+    return [RunCommand((HELPER, "promote", profile.grub_cfg), writes=(GRUBENV,),
+                       unless=(HELPER, "promoted", profile.grub_cfg),
+                       step="S10", why="Xen booted: make it the default")]
+
+
+@hookimpl
+def boot_entry(facts, host, xen_options, linux_options):
+    """A grub.cfg with the Xen entry as 20_linux_xen writes it (multiboot2 and
+    module2), then the old Linux entry as the fallback, as after grub-reboot."""
+    files = boot_files(facts)
+    kernel_line = " ".join((f"root={files.root}",) + files.options + tuple(host.settings["grub"]["linux_options"])
+                           + tuple(linux_options))
+    config = (
+        "set timeout=0\n"
+        "set default=0\n"
+        "set fallback=1\n"
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\n"
+        "terminal_output serial console\n"
+        "insmod multiboot2\n"
+        "insmod gzio\n"
+        f"menuentry 'Xen (xenrun boot-check)' --id xen {{\n"
+        f"\tmultiboot2 /boot/xen.gz placeholder {' '.join(xen_options)}\n"
+        f"\tmodule2 /boot/vmlinuz placeholder {kernel_line}\n"
+        f"\tmodule2 --nounzip /boot/initrd.img\n"
+        "}\n"
+        f"menuentry 'Linux (the old entry)' --id linux {{\n"
+        f"\tlinux /boot/vmlinuz {kernel_line}\n"
+        f"\tinitrd /boot/initrd.img\n"
+        "}\n")
+    return BootEntry("grub", config, "boot/grub/grub.cfg",
+                     {"boot/xen.gz": files.xen, "boot/vmlinuz": files.kernel, "boot/initrd.img": files.initramfs})
