@@ -42,6 +42,8 @@ CASES = [
     ("root missing folder", BASE.replace('root = "hosts/arch-grub"', 'root = "hosts/nope"'), "hosts.arch-grub.root", 6),
     ("root not a string", BASE.replace('root = "hosts/arch-grub"', 'root = 5'), "hosts.arch-grub.root", 6),
     ("address with shell", BASE.replace('root = "hosts/arch-grub"', 'root = "hosts/arch-grub"\naddress = "root@h; rm -rf /"'), "hosts.arch-grub.address", 7),
+    ("remote root not absolute", BASE.replace('root = "hosts/arch-grub"', 'address = "root@h"\nroot = "hosts/arch-grub"'), "hosts.arch-grub.root", 7),
+    ("identity file missing", BASE.replace('root = "hosts/arch-grub"', 'root = "hosts/arch-grub"\nidentity = "nokey"'), "hosts.arch-grub.identity", 7),
     ("dom0_mem not a size", BASE.replace('"512M"', '"lots"'), "plugin.xen.dom0_mem", 9),
     ("dom0_mem negative", BASE.replace('"512M"', "-5"), "plugin.xen.dom0_mem", 9),
     ("dom0_mem boolean", BASE.replace('"512M"', "true"), "plugin.xen.dom0_mem", 9),

@@ -17,7 +17,9 @@ import subprocess
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "debs"
+# XENRUN_CACHE (set by .ci/run to a folder outside the clone) keeps downloads
+# between CI runs on the same machine; <repo>/.cache (git-ignored) otherwise.
+DEFAULT_CACHE_DIR = Path(os.environ.get("XENRUN_CACHE") or REPO_ROOT / ".cache") / "debs"
 
 XEN_PACKAGE = "xen-hypervisor-4.17-amd64"
 XEN_VERSION = "4.17"

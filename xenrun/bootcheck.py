@@ -423,6 +423,7 @@ def boot(
     cpu: str = DEFAULT_CPU,
     memory_mb: int = DEFAULT_MEMORY_MB,
     smp: int = 2,
+    follow_fallback: bool = False,
 ) -> BootResult:
     """Boot ``image`` under QEMU and follow the serial console.
 
@@ -439,6 +440,10 @@ def boot(
     ``"hypervisor=xen"`` (dom0 userspace saw /sys/hypervisor/type = xen).
     QEMU is stopped as soon as that stage or a clear failure is seen, or when
     ``timeout`` seconds have passed, and in any case before returning.
+
+    ``follow_fallback``: a loader error is not the end; GRUB's "Press any key"
+    is answered (over the serial line) so that it goes on to its fallback entry,
+    and the verdict comes from what boots next.
     """
     if require not in STAGE_NAMES:
         raise ValueError(f"require must be one of {', '.join(STAGE_NAMES)}")
@@ -448,11 +453,11 @@ def boot(
     workdir = Path(workdir) if workdir else image.parent
     argv = qemu_command(image, kind, workdir, cpu=cpu, memory_mb=memory_mb, smp=smp)
 
-    watcher = _Watcher(kind, require, extra_markers, progress)
+    watcher = _Watcher(kind, require, extra_markers, progress, follow_fallback)
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE if follow_fallback else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         # Own process group: a Ctrl-C aimed at the caller must not kill QEMU
@@ -492,6 +497,13 @@ def boot(
                             break
                     else:
                         watcher.tail(_clean(pending.decode("utf-8", "replace")), time.monotonic() - start)
+                    if watcher.keypress and proc.stdin is not None:
+                        watcher.keypress = False
+                        try:
+                            proc.stdin.write(b"\r")
+                            proc.stdin.flush()
+                        except OSError:
+                            pass
         if not open_streams:
             # Both pipes closed: QEMU is gone.
             watcher.exited(proc.wait(timeout=5))
@@ -535,8 +547,11 @@ class _Watcher:
     """Turns console lines into stages and a verdict (kept apart from the I/O)."""
 
     def __init__(self, kind: str, require: str, extra_markers: Iterable[str | tuple[str, str]],
-                 progress: Callable[[str], None] | None) -> None:
+                 progress: Callable[[str], None] | None, follow_fallback: bool = False) -> None:
         self.kind, self.require, self.progress = kind, require, progress
+        self.follow_fallback = follow_fallback
+        self.keypress = False  # the loader waits for a key (follow_fallback)
+        self._answered: set[int] = set()
         self.markers: list[tuple[re.Pattern[str], str]] = list(STAGES)
         for m in extra_markers:
             text, name = (m, m) if isinstance(m, str) else (m[0], m[1])
@@ -596,8 +611,19 @@ class _Watcher:
                            f"last stage reached: {self.stage or 'none'}")
 
     # -- input -----------------------------------------------------------------
+    def _press_any_key(self, text: str) -> bool:
+        """With follow_fallback, answer "Press any key" once per occurrence."""
+        if self.follow_fallback and "Press any key" in text:
+            if len(self.log) not in self._answered:
+                self._answered.add(len(self.log))
+                self.keypress = True
+            return True
+        return False
+
     def tail(self, text: str, now: float) -> None:
         """The unterminated end of the stream: where prompts wait for input."""
+        if self._press_any_key(text):
+            return
         if self.failed_at is None and not self.xen_started and text.strip():
             for rx in self.final:
                 if rx.search(text):
@@ -648,7 +674,7 @@ class _Watcher:
                 if self.loader_errors:
                     self.reason += f"\n({self.loader} said earlier: " + " | ".join(self.loader_errors) + ")"
                 return
-        if self.xen_started:
+        if self.xen_started or self._press_any_key(line):
             return
         for rx in self.final:
             if rx.search(line):
@@ -657,6 +683,6 @@ class _Watcher:
         for rx in self.soft:
             if rx.search(line):
                 self.loader_errors.append(line.strip())
-                if self.loader_error_at is None:
+                if self.loader_error_at is None and not self.follow_fallback:
                     self.loader_error_at = now
                 return

@@ -162,9 +162,11 @@ class BootEntry:
     ``kind`` is "grub", "syslinux" or "uefi"; ``config`` the text of the loader's
     configuration as the image holds it, at ``config_path`` inside the image;
     ``files`` maps paths inside the image to the host files they are copied from
-    (Xen, the kernel, the initramfs, loader modules)."""
+    (Xen, the kernel, the initramfs, loader modules); ``fallback`` says the config
+    holds the old entry as the loader's fallback."""
 
     kind: str
     config: str
     config_path: str
     files: dict[str, str]
+    fallback: bool = False  # the config has a fallback entry the check may follow

@@ -3,8 +3,10 @@
 Shape (see examples/plugins.toml)::
 
     [defaults]            boot, network, disks, plugins
-    [hosts.NAME]          the same keys, plus root (a machine root folder, relative
-                          to plugins.toml) and address (user@host for SSH); and
+    [hosts.NAME]          the same keys, plus address (user@host[:port] for SSH),
+                          identity (the SSH key file), and root: a machine root
+                          folder (relative to plugins.toml), or with address an
+                          absolute folder on that host holding a machine's root;
     [hosts.NAME.plugin.P] settings of plugin P for this host only
     [plugin.P]            settings of plugin P for every host
 
@@ -26,7 +28,7 @@ from xenrun.settings import Setting
 # boot, network and disk plugins are chosen in plugins.toml; none until a site says so
 DEFAULTS = {"boot": "none", "network": "none", "disks": [], "plugins": []}
 _SELECTION_KEYS = ("boot", "network", "disks", "plugins")
-_HOST_KEYS = _SELECTION_KEYS + ("root", "address", "plugin")
+_HOST_KEYS = _SELECTION_KEYS + ("root", "address", "identity", "plugin")
 _TOP_KEYS = ("defaults", "hosts", "plugin")
 NONE = "none"  # boot = "none" / network = "none": leave that part alone
 
@@ -72,8 +74,9 @@ class HostSpec:
     network: str
     disks: tuple[str, ...]
     plugins: tuple[str, ...]
-    root: Path | None = None
+    root: Path | None = None  # a local folder (no address) or a folder on the SSH host
     address: str | None = None
+    identity: Path | None = None
     configured: bool = False  # False when the host has no [hosts.NAME] table
 
     @property
@@ -106,12 +109,14 @@ class Site:
         defaults = {**DEFAULTS, **self.data.get("defaults", {})}
         table = self.data.get("hosts", {}).get(name)
         merged = {**defaults, **(table or {})}
-        root = merged.get("root")
+        root, address, identity = merged.get("root"), merged.get("address"), merged.get("identity")
+        if root and not address:
+            root = (self.folder / root).resolve()
         return HostSpec(
             name=name, boot=merged["boot"], network=merged["network"],
             disks=tuple(merged["disks"]), plugins=tuple(merged["plugins"]),
-            root=(self.folder / root).resolve() if root else None,
-            address=merged.get("address"), configured=table is not None)
+            root=Path(root) if root else None, address=address,
+            identity=(self.folder / identity).resolve() if identity else None, configured=table is not None)
 
     def selection_origin(self, host: str, name: str) -> tuple[str, ...]:
         """The TOML path that selected plugin ``name`` for ``host`` (for errors)."""
@@ -211,16 +216,25 @@ def _check_structure(site: Site) -> None:
         if not isinstance(table, dict):
             raise site.error(("hosts", host), "must be a table, as [hosts.NAME]")
         _check_selection(site, ("hosts", host), table, _HOST_KEYS)
-        if "root" in table:
-            value = table["root"]
-            if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
-                raise site.error(("hosts", host, "root"), "must be a folder path (string)")
-            if not (site.folder / value).is_dir():
-                raise site.error(("hosts", host, "root"), f"folder {value!r} does not exist (relative to {site.folder})")
         if "address" in table:
             value = table["address"]
             if not isinstance(value, str) or not re.fullmatch(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.:-]+(?::\d{1,5})?", value):
                 raise site.error(("hosts", host, "address"), f"{value!r} is not an SSH address such as root@xen01.example.org")
+        if "root" in table:
+            value = table["root"]
+            if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
+                raise site.error(("hosts", host, "root"), "must be a folder path (string)")
+            if "address" in table:
+                try:
+                    check.absolute_path(value)
+                except ValueError as e:
+                    raise site.error(("hosts", host, "root"), f"with address, a folder on that host: {e}") from None
+            elif not (site.folder / value).is_dir():
+                raise site.error(("hosts", host, "root"), f"folder {value!r} does not exist (relative to {site.folder})")
+        if "identity" in table:
+            value = table["identity"]
+            if not isinstance(value, str) or not (site.folder / value).is_file():
+                raise site.error(("hosts", host, "identity"), f"{value!r} is not an SSH key file (relative to {site.folder})")
         if "plugin" in table and not isinstance(table["plugin"], dict):
             raise site.error(("hosts", host, "plugin"), "must be a table, as [hosts.NAME.plugin.P]")
 

@@ -7,6 +7,7 @@ of the user's making raises a UsageError (exit 2) before the target is touched.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -62,18 +63,22 @@ def prepare(options: Options) -> Prepared:
     if options.host and site.host_names and options.host not in site.host_names and not options.root:
         raise UsageError(f"--host: no host {options.host!r} in {site.file} (hosts: {', '.join(site.host_names)})")
     root = options.root
+    remote = None
     if root is None and options.host:
         spec = site.host(options.host)
-        if spec.root is not None:
+        if spec.address:
+            from xenrun.ssh import SSHTarget  # fabric and paramiko load only for SSH hosts
+            keys = {"key_filename": str(spec.identity), "look_for_keys": False, "allow_agent": False} \
+                if spec.identity else {}
+            remote = SSHTarget(spec.address, root=str(spec.root) if spec.root else None,  # connects on first use
+                               files_only=options.files_only, connect_kwargs=keys, plugins=spec.selected)
+        elif spec.root is not None:
             root = str(spec.root)
-        elif spec.address:
-            raise UsageError(f"{options.host}: SSH targets (address = {spec.address!r}) are not built yet;"
-                             " use --root or run xenrun on the host itself")
     if root is not None:
         from pathlib import Path
         if not Path(root).is_dir():
             raise UsageError(f"--root: {root} is not a folder")
-    target = LocalTarget(root or "/", files_only=options.files_only)
+    target = remote or LocalTarget(root or "/", files_only=options.files_only)
     name = options.host or _hostname(target)
     spec = site.host(name)
     known = set(registry.known_names())
@@ -142,9 +147,7 @@ def make_plan(p: Prepared, facts: Facts) -> list[Change]:
     changes: list[Change] = []
     for plugin, result in call_each(p.pm, "configure_host", facts=facts, host=p.host):
         changes += _changes(plugin, "configure_host", result)
-    xen_options: list[str] = []
-    for plugin, result in call_each(p.pm, "xen_options", facts=facts, host=p.host):
-        xen_options += list(result or [])
+    xen_options = xen_options_of(p, facts)
     for hook, kwargs in (("configure_boot", {"xen_options": xen_options}), ("configure_network", {})):
         for plugin, result in call_each(p.pm, hook, facts=facts, host=p.host, **kwargs):
             if result is not None:  # first result wins
@@ -299,3 +302,127 @@ def stderr_is_tty() -> bool:
 
 
 __all__ = ["Options", "setup", "rollback", "facts", "plugin_table", "STATE_DIR"]
+
+
+# Serial consoles for boot-check: Xen on COM1 (QEMU's stdio), dom0 on Xen's hvc0.
+CHECK_XEN_OPTIONS = ["console=com1", "com1=115200,8n1"]
+CHECK_LINUX_OPTIONS = ["console=hvc0"]
+UNTIL = {"kernel": "dom0 kernel", "userspace": "hypervisor=xen"}
+
+
+def xen_options_of(p: Prepared, facts: Facts) -> list[str]:
+    options: list[str] = []
+    for _plugin, result in call_each(p.pm, "xen_options", facts=facts, host=p.host):
+        options += list(result or [])
+    return options
+
+
+@dataclass
+class BootCheck:
+    host: str
+    kind: str
+    ok: bool
+    seconds: float
+    stages: dict
+    reason: str
+    log: str
+
+
+def boot_check(options: Options, until: str = "kernel", progress=None, timeout: float = 300.0) -> BootCheck:
+    """Boot the host's planned Xen entry in QEMU with the host's own Xen, kernel
+    and initramfs (read through the target), and report whether Xen started and
+    handed over to the dom0 kernel."""
+    import tempfile
+    from pathlib import Path
+
+    from xenrun import bootcheck
+
+    if until not in UNTIL:
+        raise UsageError(f"--until: {until!r} is not one of: {', '.join(UNTIL)}")
+    p = prepare(options)
+    with structlog.contextvars.bound_contextvars(host=p.host.name):
+        facts = gather_facts(p)
+        planned = xen_options_of(p, facts)
+        xen_options = planned + [o for o in CHECK_XEN_OPTIONS if o not in planned]
+        entry = None
+        for _plugin, result in call_each(p.pm, "boot_entry", facts=facts, host=p.host, xen_options=xen_options,
+                                         linux_options=CHECK_LINUX_OPTIONS):
+            if result is not None:
+                entry = result
+                break
+        if entry is None:
+            raise UsageError(f"{p.host.name}: boot-check needs a boot plugin (boot = {p.spec.boot!r} in plugins.toml)")
+        missing = bootcheck.missing_tools(entry.kind)
+        if missing:
+            raise UsageError(f"boot-check ({entry.kind}) needs: {', '.join(missing)}")
+        with tempfile.TemporaryDirectory(prefix="xenrun-boot-check-") as tmp:
+            work = Path(tmp)
+            local = {}
+            for inside, host_path in entry.files.items():
+                data = p.target.read(host_path)
+                if data is None:
+                    raise UsageError(f"{p.host.name}: {host_path} (for {inside} in the {entry.kind} image) does not exist")
+                dest = work / "files" / inside
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(data)
+                local[inside] = dest
+            if progress:
+                progress(f"building the {entry.kind} image")
+            if entry.kind == "grub":
+                image = bootcheck.build_grub_iso(work, entry.config, local)
+            elif entry.kind == "syslinux":
+                image = bootcheck.build_syslinux_image(work, entry.config, local)
+            else:
+                prefix = entry.config_path.rsplit("/", 1)[0] + "/"
+                xen_efi = local.pop(prefix + "BOOTX64.EFI")
+                image = bootcheck.build_esp_image(work, xen_efi, entry.config,
+                                                  {k.removeprefix(prefix): v for k, v in local.items()})
+            # the VM must hold the host's dom0_mem and Xen's own share beside it
+            dom0 = (p.host.settings["xen"].get("dom0_mem") or 0) >> 20
+            memory = max(bootcheck.DEFAULT_MEMORY_MB, dom0 + 512)
+            result = bootcheck.boot(image, entry.kind, timeout=timeout, progress=progress, require=UNTIL[until],
+                                    workdir=work, follow_fallback=entry.fallback, memory_mb=memory)
+        return BootCheck(p.host.name, entry.kind, result.ok, result.seconds, dict(result.marker_seconds),
+                         result.reason, result.log)
+
+
+def promote(options: Options, confirm) -> Result:
+    """Make Xen the default boot entry, only on a host that runs as Domain-0
+    (S15: `xl list` shows it), through the boot plugin's promote_xen."""
+    p = prepare(options)
+    with structlog.contextvars.bound_contextvars(host=p.host.name):
+        facts = gather_facts(p)
+        if not options.dry:
+            if not facts.xen_dom0:
+                raise UsageError(f"{p.host.name}: not running as Xen's Domain-0 (/proc/xen/capabilities);"
+                                 " reboot into Xen first (setup boots it once), then promote")
+            listing = p.target.run(("xl", "list"), timeout=60)
+            if listing.rc != 0 or not re.search(r"^Domain-0\s", listing.stdout, re.M):
+                raise UsageError(f"{p.host.name}: `xl list` does not show Domain-0 (S15, S24): "
+                                 f"{(listing.stderr or listing.stdout).strip()[:200]}")
+        changes: list[Change] = []
+        for plugin, result in call_each(p.pm, "promote_xen", facts=facts, host=p.host):
+            if result is not None:
+                changes = _changes(plugin, "promote_xen", result)
+                break
+        outcomes = assess(changes, p.target)
+        result = Result(p.host.name, str(p.target), outcomes, "planned")
+        stop = blocked(outcomes, p.target)
+        if options.dry or not any(o.action == CHANGE for o in outcomes):
+            result.status = "planned" if options.dry else "nothing to do"
+            if stop:
+                result.notes.append(stop)
+            return result
+        if stop:
+            raise TargetError(stop)
+        if not options.yes and not confirm(result):
+            result.status = "not applied"
+            return result
+        applier = Applier(p.target, p.host.name, log, kind="promote")
+        applier.lock()
+        try:
+            done = applier.apply(outcomes)
+        finally:
+            applier.unlock()
+        result.status, result.run, result.results = "applied", done["run"], done["results"]
+        return result

@@ -117,4 +117,41 @@ def plugins(c, root=None, host=None, config=None, format="text"):
         print(f"{mark} {r['name']:<10} {r['source']:<30} {', '.join(r['hooks'])}")
 
 
-ns = Collection(setup, rollback, facts, plugins)
+@task(auto_shortflags=False, help={**_help("root", "host", "config", "format"),
+                                   "until": "kernel (default: Xen handed over to dom0) or userspace (dom0's"
+                                            " initramfs ran; for test images that report it)",
+                                   "timeout": "seconds before giving up (default 300)"})
+def boot_check(c, root=None, host=None, config=None, format="text", until="kernel", timeout=300):
+    """Boot the host's planned Xen entry in QEMU before anyone reboots the host."""
+    logs.configure()
+    opts = _guard(lambda: _options(root=root, host=host, config=config, format=format))
+
+    def progress(stage: str) -> None:
+        print(f"boot-check: {stage}", file=sys.stderr, flush=True)
+
+    result = _guard(lambda: run.boot_check(opts, until=until, progress=progress, timeout=float(timeout)))
+    if format == "json":
+        print(json.dumps({"host": result.host, "kind": result.kind, "ok": result.ok, "seconds": round(result.seconds, 1),
+                          "stages": {k: round(v, 1) for k, v in result.stages.items()}, "reason": result.reason,
+                          "log": "" if result.ok else result.log}, indent=2))
+    else:
+        stages = ", ".join(f"{k} at {v:.1f} s" for k, v in result.stages.items())
+        verdict = "OK" if result.ok else "FAILED"
+        print(f"boot-check {result.host} ({result.kind}): {verdict} in {result.seconds:.1f} s ({stages or 'no stage reached'})")
+        if not result.ok:
+            print(f"reason: {result.reason}\n--- console ---\n{result.log[-6000:]}")
+    if not result.ok:
+        raise Exit(code=1)
+
+
+@task(auto_shortflags=False, help=_help("root", "host", "config", "dry", "yes", "files_only", "format"))
+def promote(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text"):
+    """Make Xen the default boot entry once `xl list` shows Domain-0 (S10, S15)."""
+    logs.configure()
+    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
+                                   files_only=files_only, format=format))
+    result = _guard(lambda: run.promote(opts, _confirm(format)))
+    _show(result, format)
+
+
+ns = Collection(setup, rollback, facts, plugins, boot_check, promote)

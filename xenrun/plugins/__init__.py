@@ -22,6 +22,8 @@ BUILTIN = {
     "xen": "xenrun.plugins.xen",
     "grub": "xenrun.plugins.grub",
     "netctl": "xenrun.plugins.netctl",
+    "syslinux": "xenrun.plugins.syslinux",
+    "efistub": "xenrun.plugins.efistub",
 }
 ENTRY_POINT_GROUP = PROJECT
 

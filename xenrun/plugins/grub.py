@@ -14,6 +14,8 @@ makes Xen the default after it has been seen to boot. Xen is booted without
 
 from __future__ import annotations
 
+import re
+
 import structlog
 
 from xenrun import hookimpl
@@ -106,6 +108,9 @@ def detect_hardware(probe):
         if len(fields) >= 2 and fields[1] in ("/boot", "/"):
             boot_spec = fields[0] if fields[1] == "/boot" or boot_spec is None else boot_spec
     return {
+        "grub_cfg": probe.text("/boot/grub/grub.cfg"),
+        "grub_separate_boot": any(line.split("#", 1)[0].split()[1:2] == ["/boot"]
+                                  for line in (probe.text("/etc/fstab") or "").splitlines()),
         "grub_scripts": probe.listdir("/etc/grub.d"),
         "grub_default": parse_shell_vars(probe.text(DEFAULT_GRUB) or ""),
         "grub_env_device": boot_spec,
@@ -173,30 +178,76 @@ def promote_xen(facts, host):
                        step="S10", why="Xen booted: make it the default")]
 
 
+def generated_xen_entry(grub_cfg: str) -> str | None:
+    """The first top-level menuentry of a generated grub.cfg that boots Xen, as
+    text (from its ``menuentry`` line to its closing brace), or None."""
+    lines = grub_cfg.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("menuentry ") and re.search(r"xen", line, re.I):
+            depth, block = 0, []
+            for inner in lines[i:]:
+                block.append(inner)
+                depth += inner.count("{") - inner.count("}")
+                if depth <= 0:
+                    return "\n".join(block) + "\n"
+    return None
+
+
+_LOAD = re.compile(r"^(\s*)(multiboot2?|module2?|linux|initrd)(\s+)(.*)$")
+
+
+def _entry_for_image(entry: str, xen_extra: list[str], linux_extra: list[str], separate_boot: bool):
+    """Rewrite a generated entry for a rescue image: each loaded file keeps its
+    path inside the image, Xen options it lacks (boot-check's serial console) are
+    appended to Xen's line and ``linux_extra`` to the kernel's module line, and
+    ``search`` lines go (the image is the root).
+    Returns (text, {path in image: host path})."""
+    files, out, modules = {}, [], 0
+    for line in entry.splitlines():
+        if line.strip().startswith("search "):
+            continue
+        m = _LOAD.match(line)
+        if m:
+            indent, cmd, space, rest = m.groups()
+            words = rest.split()
+            flags = [w for w in words if w.startswith("--")]
+            args = [w for w in words if not w.startswith("--")]
+            path = args[0]
+            files[path.lstrip("/")] = ("/boot" + path) if separate_boot else path
+            if cmd.startswith("multiboot"):
+                args += [o for o in xen_extra if o not in args]  # the generated line has the planned ones
+            elif cmd.startswith("module"):
+                modules += 1
+                if modules == 1:  # the dom0 kernel; the next module is the initramfs
+                    args += linux_extra
+            line = indent + cmd + space + " ".join(flags + args)
+        out.append(line)
+    return "\n".join(out) + "\n", files
+
+
 @hookimpl
 def boot_entry(facts, host, xen_options, linux_options):
-    """A grub.cfg with the Xen entry as 20_linux_xen writes it (multiboot2 and
-    module2), then the old Linux entry as the fallback, as after grub-reboot."""
+    """The Xen entry grub-mkconfig generated (09_xen or 20_linux_xen) when
+    grub.cfg has one, with the console options for the check; otherwise the
+    entry as 20_linux_xen writes it (multiboot2, module2), from the planned
+    options. The old Linux entry follows as GRUB's fallback."""
+    linux_extra = list(host.settings["grub"]["linux_options"]) + list(linux_options)
     files = boot_files(facts)
-    kernel_line = " ".join((f"root={files.root}",) + files.options + tuple(host.settings["grub"]["linux_options"])
-                           + tuple(linux_options))
-    config = (
-        "set timeout=0\n"
-        "set default=0\n"
-        "set fallback=1\n"
-        "serial --unit=0 --speed=115200\n"
-        "terminal_input serial console\n"
-        "terminal_output serial console\n"
-        "insmod multiboot2\n"
-        "insmod gzio\n"
-        f"menuentry 'Xen (xenrun boot-check)' --id xen {{\n"
-        f"\tmultiboot2 /boot/xen.gz placeholder {' '.join(xen_options)}\n"
-        f"\tmodule2 /boot/vmlinuz placeholder {kernel_line}\n"
-        f"\tmodule2 --nounzip /boot/initrd.img\n"
-        "}\n"
-        f"menuentry 'Linux (the old entry)' --id linux {{\n"
-        f"\tlinux /boot/vmlinuz {kernel_line}\n"
-        f"\tinitrd /boot/initrd.img\n"
-        "}\n")
-    return BootEntry("grub", config, "boot/grub/grub.cfg",
-                     {"boot/xen.gz": files.xen, "boot/vmlinuz": files.kernel, "boot/initrd.img": files.initramfs})
+    generated = generated_xen_entry(facts.grub_cfg or "")
+    if generated:
+        entry, paths = _entry_for_image(generated, xen_options, linux_extra, facts.grub_separate_boot)
+    else:
+        kernel_line = " ".join((f"root={files.root}",) + files.options + tuple(linux_extra))
+        entry = (f"menuentry 'Xen (planned by xenrun)' {{\n"
+                 f"\tmultiboot2 /boot/xen.gz placeholder {' '.join(xen_options)}\n"
+                 f"\tmodule2 /boot/vmlinuz placeholder {kernel_line}\n"
+                 f"\tmodule2 --nounzip /boot/initrd.img\n}}\n")
+        paths = {"boot/xen.gz": files.xen, "boot/vmlinuz": files.kernel, "boot/initrd.img": files.initramfs}
+    # without Xen there is no hvc0: the old entry talks on the first serial port
+    plain = [("console=ttyS0,115200" if o == "console=hvc0" else o) for o in linux_extra]
+    kernel_line = " ".join((f"root={files.root}",) + files.options + tuple(plain))
+    fallback = (f"menuentry 'Linux (the old entry)' {{\n\tlinux /fallback/vmlinuz {kernel_line}\n"
+                f"\tinitrd /fallback/initrd.img\n}}\n")
+    paths.update({"fallback/vmlinuz": files.kernel, "fallback/initrd.img": files.initramfs})
+    config = "set timeout=0\nset default=0\nset fallback=1\ninsmod gzio\n" + entry + fallback
+    return BootEntry("grub", config, "boot/grub/grub.cfg", paths, fallback=True)

@@ -1,0 +1,350 @@
+"""SSH targets against a real sshd on 127.0.0.1 (tests/sshd.py), logging in as root
+to this very machine: the example hosts' machine roots are reached through an
+SSHTarget with a root prefix, so every result can be compared with a local run.
+
+plugins.toml has no key for a root prefix on an SSH host, so the xenrun processes
+here run through WRAPPER, which gives every SSHTarget the root and the test's key
+(and prints its round-trip counts when it exits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import HOSTS, add_busybox, file_map, run_xenrun, tree_hash
+from sshd import available, free_port, start_sshd
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=available() or "")
+
+WRAPPER = """
+import atexit, json, os, sys
+import xenrun.ssh as ssh
+made = []
+class TestTarget(ssh.SSHTarget):  # counts round trips; address, root, key come from plugins.toml
+    def __init__(self, address, **kw):
+        super().__init__(address, **kw)
+        made.append(self)
+ssh.SSHTarget = TestTarget
+atexit.register(lambda: [print("ssh-stats " + json.dumps(dict(t.stats)), file=sys.stderr) for t in made])
+sys.argv = ["xenrun", *sys.argv[1:]]
+from xenrun.cli import main
+main()
+"""
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _sample_plugin_on_path(sample_plugin, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(sample_plugin))
+
+
+def over_ssh(site: Path, host: str, sshd, address: str | None = None) -> Path:
+    """Point ``host`` of the site at the sshd, as a user would in plugins.toml:
+    address, identity, and root = the machine root's folder on that host (the
+    host being this machine); returns that root."""
+    text = (site / "plugins.toml").read_text()
+    pattern = rf'^(\[hosts\.{re.escape(host)}\][^\n]*\n)root = "hosts/{re.escape(host)}"\n'
+    replacement = (rf'\1address = "{address or sshd.address}"\nroot = "{site / "hosts" / host}"\n'
+                   rf'identity = "{sshd.key}"\n')
+    text, n = re.subn(pattern, replacement, text, flags=re.M)
+    assert n == 1, f"no [hosts.{host}] with root in plugins.toml"
+    (site / "plugins.toml").write_text(text)
+    return site / "hosts" / host
+
+
+def xenrun_ssh(root: Path, sshd, *args, env=None, timeout=120, popen=False):
+    """The xenrun command as a process, printing its SSH round trips on stderr
+    (``root`` and ``sshd`` name what plugins.toml points at)."""
+    full_env = {**os.environ, **(env or {})}
+    if "XENRUN_CRASH_AT" not in (env or {}):
+        full_env.pop("XENRUN_CRASH_AT", None)
+    cmd = [sys.executable, "-c", WRAPPER, *map(str, args)]
+    if popen:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def stats(r) -> dict:
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ssh-stats ")]
+    return json.loads(lines[-1].split(" ", 1)[1]) if lines else {}
+
+
+def setup_ssh(site, host, root, sshd, *extra, env=None):
+    r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", host, "--format", "json",
+                   *extra, env=env)
+    return r, (json.loads(r.stdout) if r.stdout.strip() else None)
+
+
+def with_lab(site: Path, settings: str, applets=("true", "false", "sleep")) -> Path:
+    """A host "lab" (a copy of arch-grub's root, no boot or network plugin) that
+    selects the sample plugin with ``settings``; busybox in its root runs the
+    sample's command with chroot."""
+    root = site / "hosts" / "lab"
+    shutil.copytree(site / "hosts" / "arch-grub", root, symlinks=True)
+    (root / "etc/hostname").write_text("lab\n")
+    text = (site / "plugins.toml").read_text()
+    text += '\n[hosts.lab]\nroot = "hosts/lab"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
+    text += f"\n[hosts.lab.plugin.sample]\n{settings}\n"
+    (site / "plugins.toml").write_text(text)
+    add_busybox(root, *applets)
+    return root
+
+
+def local_reference(site: Path, host: str, *extra) -> dict:
+    """The file map of ``host`` after a local apply, on a copy of the site."""
+    copy = site.parent / f"reference-{host}"
+    shutil.copytree(site, copy, symlinks=True)
+    r = run_xenrun("setup", "--config", copy / "plugins.toml", "--host", host, "--yes", *extra)
+    assert r.returncode == 0, r.stderr
+    return file_map(copy / "hosts" / host)
+
+
+def ssh_target(sshd, root=None, **kw):
+    from xenrun.ssh import SSHTarget
+    return SSHTarget(sshd.address, root=str(root) if root else None,
+                     connect_kwargs={"key_filename": str(sshd.key), "look_for_keys": False, "allow_agent": False},
+                     **kw)
+
+
+# -- facts ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_facts_over_ssh_equal_local_facts(site, sshd, host, monkeypatch):
+    from xenrun import run, ssh
+    local = run.gather_facts(run.prepare(run.Options(config=str(site / "plugins.toml"), host=host)))
+    root = over_ssh(site, host, sshd)
+    made = []
+
+    class Counted(ssh.SSHTarget):
+        def __init__(self, address, **kw):
+            super().__init__(address, **kw)
+            made.append(self)
+    monkeypatch.setattr(ssh, "SSHTarget", Counted)
+    p = run.prepare(run.Options(config=str(site / "plugins.toml"), host=host))
+    assert isinstance(p.target, Counted) and str(p.target) == f"ssh {sshd.address} root {root}"
+    remote = run.gather_facts(p)
+    print(f"{host}: facts over SSH in {dict(made[0].stats)}")
+    assert remote.to_json() == local.to_json()
+    assert made[0].stats["command"] <= 3  # the warm-up's rounds; everything else came from the cache
+
+
+def test_facts_of_this_machine_over_ssh_equal_local_facts(sshd):
+    from xenrun.facts import Probe
+    from xenrun.plugins import facts as core
+    from xenrun.target import LocalTarget
+    target = ssh_target(sshd)
+    remote = core.detect_hardware(Probe(target))
+    local = core.detect_hardware(Probe(LocalTarget("/")))
+    assert remote["live"] is True and target.is_host
+    assert remote == local
+    print(f"this machine: facts over SSH in {dict(target.stats)}")
+
+
+def test_unreachable_host_exits_2_at_once_with_one_line(site, sshd):
+    root = over_ssh(site, "arch-grub", sshd, address=f"root@127.0.0.1:{free_port()}")
+    before = tree_hash(site)
+    started = time.monotonic()
+    r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry")
+    assert r.returncode == 2, r.stderr
+    assert time.monotonic() - started < 10
+    message = [line for line in r.stderr.splitlines() if not line.startswith("ssh-stats")]
+    assert len(message) == 1 and "cannot reach ssh root@127.0.0.1:" in message[0], r.stderr
+    assert tree_hash(site) == before
+
+
+# -- setup ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_setup_over_ssh_equals_local_apply_and_a_rerun_changes_nothing(site, sshd, host):
+    reference = local_reference(site, host, "--files-only")
+    root = over_ssh(site, host, sshd)
+    r, first = setup_ssh(site, host, root, sshd, "--yes", "--files-only")
+    assert r.returncode == 0, r.stderr
+    assert first["report"]["status"] == "applied" and first["summary"]["changed"] > 0
+    assert first["target"].startswith("ssh root@127.0.0.1")
+    assert file_map(root) == reference
+    assert not [p for p in file_map(root, skip_state=False) if p.endswith(".xenrun-tmp")]
+    r2, again = setup_ssh(site, host, root, sshd, "--yes", "--files-only")
+    assert r2.returncode == 0, r2.stderr
+    assert again["report"]["status"] == "nothing to do" and again["summary"]["changed"] == 0
+    assert file_map(root) == reference
+    print(f"{host}: first run {stats(r)}, re-run {stats(r2)}")
+    assert stats(r2)["command"] <= 12  # the warm-up rounds, then one per planned path (see ssh.py)
+
+
+def test_commands_run_inside_the_root_with_chroot_over_ssh(site, sshd):
+    root = with_lab(site, 'command = ["touch", "/ran-inside"]', applets=("touch",))
+    over_ssh(site, "lab", sshd)
+    r, report = setup_ssh(site, "lab", root, sshd, "--yes")
+    assert r.returncode == 0, r.stderr
+    assert (root / "ran-inside").exists()
+    r2, again = setup_ssh(site, "lab", root, sshd, "--yes")
+    assert again["report"]["status"] == "nothing to do"
+    print(f"lab with a command: first run {stats(r)}, re-run {stats(r2)}")
+
+
+def test_failing_command_over_ssh_leaves_the_tree_byte_identical(site, sshd):
+    root = with_lab(site, 'files = 3\ncommand = ["false"]')
+    over_ssh(site, "lab", sshd)
+    before = tree_hash(root, skip_state=True)
+    r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
+    assert r.returncode == 1, r.stderr
+    assert "command false failed" in r.stderr and "put back" in r.stderr
+    assert tree_hash(root, skip_state=True) == before
+
+
+def test_validator_runs_on_the_host_over_ssh(site, sshd):
+    root = with_lab(site, 'validate = ["grep", "-q", "not-there", "{}"]')
+    over_ssh(site, "lab", sshd)
+    before = tree_hash(root, skip_state=True)
+    r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
+    assert r.returncode == 1 and "rejected the new /etc/motd" in r.stderr, r.stderr
+    assert tree_hash(root, skip_state=True) == before
+    text = (site / "plugins.toml").read_text().replace('"not-there"', '"xen-host"')
+    (site / "plugins.toml").write_text(text)
+    r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert (root / "etc/motd").read_text() == "xen-host\n"
+
+
+def test_sigkill_mid_apply_releases_the_remote_lock_and_the_next_run_converges(site, sshd, tmp_path):
+    with_lab(site, 'files = 3\ncommand = ["true"]')
+    new = local_reference(site, "lab")
+    over_ssh(site, "lab", sshd)
+    point, killed = 0, 0
+    while True:
+        point += 1
+        work = tmp_path / f"crash-{point}"
+        shutil.copytree(site, work, symlinks=True)
+        config = work / "plugins.toml"  # its root must name the copy's folder
+        config.write_text(config.read_text().replace(f'"{site}/hosts/lab"', f'"{work}/hosts/lab"'))
+        root = work / "hosts" / "lab"
+        old = file_map(root)
+        r = xenrun_ssh(root, sshd, "setup", "--config", work / "plugins.toml", "--host", "lab", "--yes",
+                       env={"XENRUN_CRASH_AT": str(point)})
+        if r.returncode == 0:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        killed += 1
+        now = file_map(root)
+        for path in set(old) | set(new):
+            assert now.get(path) in (old.get(path), new.get(path)), f"{path} partial after kill at point {point}"
+        # the next run takes the lock at once (the dead run's shell is gone) and converges
+        r = xenrun_ssh(root, sshd, "setup", "--config", work / "plugins.toml", "--host", "lab", "--yes")
+        assert r.returncode == 0, f"point {point}: {r.stderr}"
+        assert file_map(root) == new, f"did not converge after a kill at point {point}"
+        assert not [p for p in file_map(root, skip_state=False) if p.endswith(".xenrun-tmp")]
+        shutil.rmtree(work)
+    print(f"SIGKILL over SSH at {killed} crash points")
+    assert killed >= 10
+
+
+def test_two_concurrent_runs_over_ssh_exactly_one_proceeds(site, sshd):
+    root = with_lab(site, 'command = ["sleep", "3"]')
+    over_ssh(site, "lab", sshd)
+    args = ("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
+    first = xenrun_ssh(root, sshd, *args, popen=True)
+    lock = root / "var/lib/xenrun/lock"
+    deadline = time.time() + 30
+    while time.time() < deadline and not (lock.exists() and lock.read_text().startswith("pid")):
+        time.sleep(0.05)
+    second = xenrun_ssh(root, sshd, *args)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert second.returncode == 2, second.stderr
+    assert f"pid {first.pid}" in second.stderr and "holds the lock" in second.stderr
+    assert lock.read_text() == ""  # released by the first run
+
+
+# -- the target itself ----------------------------------------------------------------
+
+def test_paths_cannot_escape_the_root(site, sshd):
+    root = site / "hosts" / "arch-grub"
+    (root / "etc/abs").symlink_to("/../../../../etc/hostname")
+    (root / "etc/rel").symlink_to("../../../../../../../../etc/hostname")
+    (root / "etc/dir").symlink_to("/etc")
+    target = ssh_target(sshd, root)
+    mine = (root / "etc/hostname").read_bytes()
+    assert target.read("/etc/abs") == mine and target.read("/etc/rel") == mine
+    assert target.read("/etc/dir/hostname") == mine
+    assert target.read("/../../../etc/hostname") == mine
+    assert target.lstat("/etc/abs").link == "/../../../../etc/hostname"
+    target.write_atomic("/etc/dir/motd", b"inside\n", 0o644)
+    assert (root / "etc/motd").read_bytes() == b"inside\n"
+    target.symlink("/etc/dir/link", "/x")
+    assert os.readlink(root / "etc/link") == "/x"
+
+
+def test_cache_answers_until_the_first_write(site, sshd):
+    root = site / "hosts" / "arch-grub"
+    target = ssh_target(sshd, root)
+    target.prefetch(["/etc/fstab", "/etc/hostname", "/etc/missing"], ["/boot", "/etc"])
+    before = dict(target.stats)
+    assert target.read("/etc/hostname") == (root / "etc/hostname").read_bytes()
+    assert target.read("/etc/missing") is None and not target.exists("/etc/missing")
+    assert target.listdir("/boot") == sorted(os.listdir(root / "boot"))
+    assert target.stat("/etc/fstab").mode == (root / "etc/fstab").stat().st_mode & 0o7777
+    assert dict(target.stats) == before, "answered from the cache without a round trip"
+    seen = []
+    target.write_atomic("/etc/missing", b"new\n", 0o600, before_rename=lambda tmp: seen.append(
+        (tmp, (root / "etc/.missing.xenrun-tmp").read_bytes())))
+    assert seen == [(f"{root}/etc/.missing.xenrun-tmp", b"new\n")]
+    assert target.read("/etc/missing") == b"new\n" and target.stat("/etc/missing").mode == 0o600
+    assert "missing" in target.listdir("/etc")
+
+
+def test_lock_is_released_when_the_session_ends(site, sshd):
+    from xenrun.errors import LockHeld
+    root = site / "hosts" / "arch-grub"
+    one, two = ssh_target(sshd, root), ssh_target(sshd, root)
+    one.lock("/var/lib/xenrun/lock", "pid 1 on test")
+    with pytest.raises(LockHeld, match="pid 1 on test"):
+        two.lock("/var/lib/xenrun/lock", "pid 2 on test")
+    one.close()  # the connection drops: its shell, and the flock, end with it
+    deadline = time.time() + 5
+    while True:
+        try:
+            two.lock("/var/lib/xenrun/lock", "pid 2 on test")
+            break
+        except LockHeld:
+            assert time.time() < deadline, "the lock outlived its session"
+            time.sleep(0.05)
+    two.unlock()
+    assert (root / "var/lib/xenrun/lock").read_text() == ""
+
+
+def test_run_frames_output_and_quotes_arguments(sshd, tmp_path):
+    target = ssh_target(sshd)
+    odd = "it's $HOME `id` \"q\" \\ ; rm -rf /nothing\nline2"
+    r = target.run(["printf", "%s", odd])
+    assert (r.rc, r.stdout) == (0, odd)
+    r = target.run(["sh", "-c", "cat; echo err >&2; exit 7"], input="in\x01put")
+    assert (r.rc, r.stdout, r.stderr) == (7, "in\x01put", "err\n")
+    assert target.run(["no-such-program-xenrun"]).rc == 127
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(300_000))
+    assert target.read(str(big)) == big.read_bytes()
+    target.make_sparse(str(tmp_path / "disk.img"), 1 << 30, 0o600)
+    st = (tmp_path / "disk.img").stat()
+    assert st.st_size == 1 << 30 and st.st_blocks * 512 < 1 << 20
+    target.truncate(str(tmp_path / "disk.img"), 4096)
+    assert (tmp_path / "disk.img").stat().st_size == 4096
+    target.append_line(str(tmp_path / "journal"), "one")
+    target.append_line(str(tmp_path / "journal"), "two\n")
+    assert (tmp_path / "journal").read_text() == "one\ntwo\n"
+    assert (tmp_path / "journal").stat().st_mode & 0o777 == 0o600
