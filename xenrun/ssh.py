@@ -46,7 +46,7 @@ import time
 from collections import Counter
 
 from xenrun.errors import LockHeld, TargetError
-from xenrun.target import SEARCH_PATH, TMP_SUFFIX, FileInfo, Result
+from xenrun.target import SEARCH_PATH, TMP_SUFFIX, FileInfo, Result, resolve_in_root
 
 STAT_FORMAT = "%f %u %g %s %b"  # raw mode (hex), uid, gid, size, 512-byte blocks
 CONNECT_TIMEOUT = 10
@@ -361,35 +361,18 @@ class SSHTarget:
         host (a root at "/") it is realpath. Every key of the cache is such a path."""
         if not path.startswith("/"):
             raise TargetError(f"{self}: path must be absolute: {path!r}")
-        parts = [p for p in path.split("/") if p]
-        resolved: list[str] = []
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == ".":
-                continue
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            candidate = self._join(resolved + [part])
-            if parts or follow:
-                try:
-                    info = self._get_lst(candidate)
-                except _Miss:
-                    raise _Miss(candidate, parts) from None
-                # /proc/self names whichever process looks: left to the kernel of
-                # the process that reads (a readlink child's pid is gone at once)
-                if info is not None and info.kind == "link" and candidate[len(self._prefix):] not in MAGIC_LINKS:
-                    hops += 1
-                    if hops > 40:
-                        raise TargetError(f"{self}: too many symlinks resolving {path}")
-                    if info.link.startswith("/"):
-                        resolved = []  # chroot semantics: absolute links start at the root
-                    parts = [p for p in info.link.split("/") if p] + parts
-                    continue
-            resolved.append(part)
-        return self._join(resolved)
+        def link_of(parts: list[str], rest: list[str]) -> str | None:
+            candidate = self._join(parts)
+            try:
+                info = self._get_lst(candidate)
+            except _Miss:
+                raise _Miss(candidate, rest) from None
+            # /proc/self names whichever process looks: left to the kernel of
+            # the process that reads (a readlink child's pid is gone at once)
+            if info is not None and info.kind == "link" and candidate[len(self._prefix):] not in MAGIC_LINKS:
+                return info.link
+            return None
+        return self._join(resolve_in_root(path, follow, link_of, str(self)))
 
     def _node(self, path: str, follow: bool) -> tuple[str, FileInfo | None]:
         key = self._resolve(path, follow)
@@ -645,17 +628,23 @@ class SSHTarget:
                 created.append(sub)
         return created
 
+    def _temp_beside(self, real: str) -> tuple[str, str]:
+        """(folder, temp name) for an atomic replace of ``real``; both forgotten
+        by the cache, which is about to be wrong about them."""
+        folder, _, name = real.rpartition("/")
+        folder = folder or "/"
+        tmp = f"{folder.rstrip('/')}/.{name}{TMP_SUFFIX}"
+        self._forget(real)
+        self._forget(tmp)
+        return folder, tmp
+
     def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
                      gid: int | None = None, before_rename=None) -> None:
         """Replace ``path`` with ``data``: temp file in the same folder, fsync,
         ``before_rename(remote path of the temp file)`` (validation; raise to
         abort), rename, fsync of the folder. The temp file never outlives a failure."""
         real = self._resolve(path, True)
-        folder, _, name = real.rpartition("/")
-        folder = folder or "/"
-        tmp = f"{folder.rstrip('/')}/.{name}{TMP_SUFFIX}"
-        self._forget(real)
-        self._forget(tmp)
+        folder, tmp = self._temp_beside(real)
         try:
             with self._new_file(tmp, mode) as f:
                 if uid is not None and gid is not None and self.user == "root":
@@ -677,11 +666,7 @@ class SSHTarget:
 
     def symlink(self, path: str, target: str) -> None:
         real = self._resolve(path, False)
-        folder, _, name = real.rpartition("/")
-        folder = folder or "/"
-        tmp = f"{folder.rstrip('/')}/.{name}{TMP_SUFFIX}"
-        self._forget(real)
-        self._forget(tmp)
+        folder, tmp = self._temp_beside(real)
         try:
             self.sftp.remove(tmp)
         except FileNotFoundError:

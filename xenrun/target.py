@@ -43,6 +43,36 @@ class Result:
     stderr: str
 
 
+def resolve_in_root(path: str, follow: bool, link_of, where: str = "target") -> list[str]:
+    """The parts of ``path`` resolved as chroot would: ``..`` stops at the root,
+    an absolute link starts again at the root, so nothing leaves it.
+    ``link_of(parts, rest)`` says what the link at ``parts`` points to (None: not a
+    link); ``rest`` are the parts still to come (an SSH target prefetches them). The last part
+    is followed only when ``follow``. Shared by local roots and SSH targets."""
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        link = link_of(resolved + [part], parts) if (parts or follow) else None
+        if link is not None:
+            hops += 1
+            if hops > 40:
+                raise TargetError(f"{where}: too many symlinks resolving {path}")
+            if link.startswith("/"):
+                resolved = []  # chroot semantics: absolute links start at the root
+            parts = [p for p in link.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return resolved
+
+
 def tmp_name(path: str) -> str:
     """The temporary name an atomic write uses for ``path`` (same folder, so the
     rename is atomic; fixed, so recovery can find and remove it)."""
@@ -73,29 +103,10 @@ class LocalTarget:
             raise TargetError(f"{self}: path must be absolute: {path!r}")
         if self.is_host:
             return Path(os.path.realpath(path)) if follow else Path(os.path.normpath(path))
-        parts = [p for p in path.split("/") if p]
-        resolved: list[str] = []
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == ".":
-                continue
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            candidate = self.root.joinpath(*resolved, part)
-            if (parts or follow) and candidate.is_symlink():
-                hops += 1
-                if hops > 40:
-                    raise TargetError(f"{self}: too many symlinks resolving {path}")
-                link = os.readlink(candidate)
-                if link.startswith("/"):
-                    resolved = []  # chroot semantics: absolute links start at the root
-                parts = [p for p in link.split("/") if p] + parts
-                continue
-            resolved.append(part)
-        return self.root.joinpath(*resolved)
+        def link_of(parts: list[str], _rest) -> str | None:
+            candidate = self.root.joinpath(*parts)
+            return os.readlink(candidate) if candidate.is_symlink() else None
+        return self.root.joinpath(*resolve_in_root(path, follow, link_of, str(self)))
 
     # -- reading -----------------------------------------------------------------
     def read(self, path: str) -> bytes | None:
