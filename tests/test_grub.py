@@ -162,3 +162,30 @@ def test_helper_script_with_real_grub_tools(tmp_path):
     assert run("has-xen").returncode == 1
     r = run("once")
     assert r.returncode == 1 and "no Xen entry" in r.stderr
+
+
+def test_noreboot_is_refused(site):
+    (site / "plugins.toml").write_text((site / "plugins.toml").read_text() + '\n[hosts.arch-grub.plugin.xen]\noptions = ["noreboot"]\n')
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry", "--files-only")
+    assert r.returncode == 2 and "hosts.arch-grub.plugin.xen.options: noreboot" in r.stderr
+
+
+def test_boot_check_grub_config_passes_grub_script_check(site):
+    from xenrun import run
+    p = run.prepare(run.Options(config=str(site / "plugins.toml"), host="arch-grub"))
+    facts = run.gather_facts(p)
+    entry = p.pm.hook.boot_entry(facts=facts, host=p.host, xen_options=run.xen_options_of(p, facts) + run.CHECK_XEN_OPTIONS,
+                                 linux_options=run.CHECK_LINUX_OPTIONS)
+    assert entry.validate == ("grub-script-check", "{}")
+    cfg = site / "check.cfg"
+    cfg.write_text(entry.config)
+    assert subprocess.run(["grub-script-check", cfg]).returncode == 0
+    assert "console=com1" in entry.config and "dom0_mem=512M,max:512M" in entry.config
+    cfg.write_text(entry.config + "if [ x ]; then\n")  # the same check refuses a broken one
+    assert subprocess.run(["grub-script-check", cfg], capture_output=True).returncode != 0
+
+
+def test_boot_check_names_missing_tools_and_their_packages(site):
+    r = run_xenrun("boot-check", "--config", site / "plugins.toml", "--host", "arch-grub", env={"PATH": "/nonexistent"})
+    assert r.returncode == 2
+    assert "qemu-system-x86_64 (qemu-system-x86)" in r.stderr and "grub-mkrescue (grub-common)" in r.stderr

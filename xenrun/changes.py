@@ -170,3 +170,4 @@ class BootEntry:
     config_path: str
     files: dict[str, str]
     fallback: bool = False  # the config has a fallback entry the check may follow
+    validate: tuple[str, ...] = ()  # an argv that checks ``config`` ("{}": its path)

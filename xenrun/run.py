@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -196,7 +197,12 @@ class Result:
 def setup(options: Options, confirm) -> Result:
     """Plan (and unless --dry, apply) one host. ``confirm(result)`` is asked before
     applying when --yes was not given; it returns True to go on."""
-    p = prepare(options)
+    return setup_prepared(prepare(options), options, confirm)
+
+
+def setup_prepared(p: Prepared, options: Options, confirm) -> Result:
+    """``setup`` of a host already prepared (a fleet prepares every host first, so
+    that a bad configuration stops the run before any host is touched)."""
     with structlog.contextvars.bound_contextvars(host=p.host.name):
         if options.dry:
             notes = [f"an interrupted run ({r}) will be undone first by the next apply" for r in interrupted_runs(p.target)]
@@ -301,7 +307,7 @@ def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
 
-__all__ = ["Options", "setup", "rollback", "facts", "plugin_table", "STATE_DIR"]
+__all__ = ["Options", "setup", "setup_prepared", "rollback", "facts", "plugin_table", "STATE_DIR"]
 
 
 # Serial consoles for boot-check: Xen on COM1 (QEMU's stdio), dom0 on Xen's hvc0.
@@ -366,6 +372,15 @@ def boot_check(options: Options, until: str = "kernel", progress=None, timeout: 
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(data)
                 local[inside] = dest
+            if entry.validate:
+                config_file = work / "config-to-check"
+                config_file.write_text(entry.config)
+                argv = [str(config_file) if a == "{}" else a for a in entry.validate]
+                checked = subprocess.run(argv, capture_output=True, text=True)
+                if checked.returncode != 0:
+                    return BootCheck(p.host.name, entry.kind, False, 0.0, {}, f"{' '.join(entry.validate)} rejected"
+                                     f" the {entry.kind} configuration: {(checked.stderr or checked.stdout).strip()}",
+                                     entry.config)
             if progress:
                 progress(f"building the {entry.kind} image")
             if entry.kind == "grub":

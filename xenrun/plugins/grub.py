@@ -250,4 +250,4 @@ def boot_entry(facts, host, xen_options, linux_options):
                 f"\tinitrd /fallback/initrd.img\n}}\n")
     paths.update({"fallback/vmlinuz": files.kernel, "fallback/initrd.img": files.initramfs})
     config = "set timeout=0\nset default=0\nset fallback=1\ninsmod gzio\n" + entry + fallback
-    return BootEntry("grub", config, "boot/grub/grub.cfg", paths, fallback=True)
+    return BootEntry("grub", config, "boot/grub/grub.cfg", paths, fallback=True, validate=GRUB_CHECK)

@@ -66,6 +66,9 @@ def xen_options(facts, host):
         options.append(f"dom0_max_vcpus={s['dom0_max_vcpus']}")
     if s["dom0_vcpus_pin"]:
         options.append("dom0_vcpus_pin")
+    if "noreboot" in s["options"] or any(o.startswith("noreboot=") for o in s["options"]):
+        raise host.setting_error("xen", "options", "noreboot would keep a panicked Xen from rebooting into the old"
+                                 " Linux entry, the way back (S10)")
     return options + s["options"]
 
 
