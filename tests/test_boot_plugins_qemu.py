@@ -10,10 +10,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 
+from boot_sites import real_arch as _real_arch
+from boot_sites import real_debian_grub as _real_debian_grub
 from conftest import run_xenrun
 from xenrun import bootcheck
 
@@ -34,52 +35,11 @@ def debian(tmp_path_factory) -> dict:
     return pkgs
 
 
-def _put(root, path: str, source) -> None:
-    dest = root / path.lstrip("/")
-    if dest.is_symlink() or dest.exists():
-        dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
-
-
 def boot_check(site, host, *extra):
     r = run_xenrun("boot-check", "--config", site / "plugins.toml", "--host", host, "--until", "userspace",
                    "--format", "json", *extra, timeout=400)
     assert r.stdout, r.stderr
     return r, json.loads(r.stdout)
-
-
-def _generate_grub_cfg(root, abi: str) -> None:
-    """What update-grub does on the host: GRUB's own 20_linux_xen, reading the
-    files xenrun wrote, run with the root's /boot in place of this machine's
-    (a private mount namespace), written to the root's /boot/grub/grub.cfg."""
-    script = (
-        'set -e; mount --bind "$1/boot" /boot; . "$1/etc/default/grub"; . "$1/etc/default/grub.d/xen.cfg";'
-        ' export GRUB_CMDLINE_XEN_DEFAULT GRUB_CMDLINE_LINUX_DEFAULT GRUB_CMDLINE_LINUX GRUB_DISTRIBUTOR'
-        ' GRUB_CMDLINE_LINUX_XEN_REPLACE_DEFAULT="console=hvc0";'
-        ' export GRUB_DEVICE=/dev/vda1 GRUB_DEVICE_UUID=7d0ed2d5-3c4e-4a1e-9a6e-2f8b7b9e4c11 GRUB_FS=ext2'
-        ' pkgdatadir=/usr/share/grub grub_probe=/bin/true;'
-        ' "$1/etc/grub.d/20_linux_xen"')
-    out = subprocess.run(["unshare", "--mount", "sh", "-c", script, "_", str(root)],
-                         capture_output=True, text=True, check=True).stdout
-    # the entries name the bind mount's source; on the host they would say /boot
-    (root / "boot/grub/grub.cfg").write_text(out.replace(str(root / "boot") + "/", "/boot/"))
-
-
-def _real_debian_grub(site, debian):
-    root = site / "hosts/debian-grub"
-    for old in (root / "boot").glob("*6.1.0-27*"):
-        old.unlink()
-    abi = debian["vmlinuz"].name.removeprefix("vmlinuz-")
-    _put(root, f"/boot/vmlinuz-{abi}", debian["vmlinuz"])
-    _put(root, f"/boot/config-{abi}", debian["vmlinuz"].parent / f"config-{abi}")
-    _put(root, f"/boot/initrd.img-{abi}", debian["initrd"])
-    _put(root, "/boot/xen-4.17-amd64.gz", debian["xen_gz"])
-    (root / "boot/xen-4.17-amd64.efi").unlink()
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "debian-grub", "--yes", "--files-only")
-    assert r.returncode == 0, r.stderr
-    _generate_grub_cfg(root, abi)
-    return root
 
 
 def test_grub_generated_entry_boots_xen_and_dom0(site, debian):
@@ -100,19 +60,6 @@ def test_grub_falls_back_to_the_old_entry_when_xen_cannot_load(site, debian):
     assert "Falling back to `Linux (the old entry)'" in out["log"], out["log"][-3000:]
     # the old entry's Linux ran its initramfs, without Xen under it
     assert re.search(r"^XENRUN-HYPERVISOR-TYPE=\s*$", out["log"], re.M), out["log"][-3000:]
-
-
-def _real_arch(site, host, debian, efi=False):
-    root = site / "hosts" / host
-    _put(root, "/boot/vmlinuz-linux", debian["vmlinuz"])
-    _put(root, "/boot/initramfs-linux.img", debian["initrd"])
-    if efi:
-        _put(root, "/usr/lib/efi/xen-4.5.0.efi", debian["xen_efi"])
-    else:
-        _put(root, "/boot/xen-4.5.0.gz", debian["xen_gz"])
-    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", host, "--yes", "--files-only")
-    assert r.returncode == 0, r.stderr
-    return root
 
 
 @pytest.mark.parametrize("broken", [False, True], ids=["as-planned", "broken-kernel"])

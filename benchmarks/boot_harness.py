@@ -1,6 +1,6 @@
 """Time the three real Xen boot paths (GRUB, Syslinux, UEFI) and show where the time goes.
 
-Run from the repository root:  python benchmarks/bootcheck.py [--cpu MODEL] [--memory MB] [kind ...]
+Run from the repository root:  python benchmarks/boot_harness.py [--cpu MODEL] [--memory MB] [kind ...]
 
 Prints, per path, image build time, seconds to each stage and the time spent
 between stages (firmware + loader, Xen until dom0 build, dom0 build, Linux
