@@ -26,6 +26,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import structlog
+
 from xenrun.changes import RemoveFile, RunCommand, SparseFile, Symlink, WriteFile
 from xenrun.errors import ApplyError
 from xenrun.plan import CHANGE, Outcome, State
@@ -205,7 +207,7 @@ class Applier:
         if isinstance(change, SparseFile):
             before = self.target.stat(path)
             self.journal.write(op="saved", path=path, state={"kind": "sparse", "size": before.size}
-                               if before else {"kind": "absent"})
+                               if before else {"kind": "absent", "image": True})
             self.point("original recorded")
             self.target.make_sparse(path, change.size, change.mode)
         else:
@@ -292,7 +294,11 @@ def rollback_changes(target) -> tuple[str | None, list]:
             if r.get("op") != "saved":
                 continue
             path, state = r["path"], r["state"]
-            now = target.read(path) if (target.lstat(path) or State("absent")).kind == "file" else None
+            if state["kind"] == "sparse" or state.get("image"):
+                # a disk image may hold a guest's data by now: never removed or shrunk by a rollback
+                structlog.get_logger().warning("disk image kept; remove or shrink it by hand if unwanted", path=path)
+                continue
+            now = target.read(path) if done.get(path) and (target.lstat(path) or State("absent")).kind == "file" else None
             if path in done and done[path] and now is not None and _sha(now) != done[path]:
                 raise ApplyError(f"{path} was changed after run {j.run_id}; not rolling back over that edit"
                                  " (restore it by hand from " f"{STATE_DIR}/runs/{j.run_id}/orig)")

@@ -9,6 +9,7 @@ Shape (see examples/plugins.toml)::
                           absolute folder on that host holding a machine's root;
     [hosts.NAME.plugin.P] settings of plugin P for this host only
     [plugin.P]            settings of plugin P for every host
+    [groups]              NAME = ["host", ...]: hosts run together (--host @NAME)
 
 Every error is a ConfigError naming file, line and key.
 """
@@ -29,7 +30,7 @@ from xenrun.settings import Setting
 DEFAULTS = {"boot": "none", "network": "none", "disks": [], "plugins": []}
 _SELECTION_KEYS = ("boot", "network", "disks", "plugins")
 _HOST_KEYS = _SELECTION_KEYS + ("root", "address", "identity", "plugin")
-_TOP_KEYS = ("defaults", "hosts", "plugin")
+_TOP_KEYS = ("defaults", "hosts", "plugin", "groups")
 NONE = "none"  # boot = "none" / network = "none": leave that part alone
 
 
@@ -104,6 +105,11 @@ class Site:
     @property
     def host_names(self) -> list[str]:
         return list(self.data.get("hosts", {}))
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """[groups]: name -> host names (checked by load_site)."""
+        return dict(self.data.get("groups", {}))
 
     def host(self, name: str) -> HostSpec:
         defaults = {**DEFAULTS, **self.data.get("defaults", {})}
@@ -237,6 +243,19 @@ def _check_structure(site: Site) -> None:
                 raise site.error(("hosts", host, "identity"), f"{value!r} is not an SSH key file (relative to {site.folder})")
         if "plugin" in table and not isinstance(table["plugin"], dict):
             raise site.error(("hosts", host, "plugin"), "must be a table, as [hosts.NAME.plugin.P]")
+    for group, members in data.get("groups", {}).items():
+        where = ("groups", group)
+        _named(site, where, group)
+        if not isinstance(members, list):
+            raise site.error(where, f"must be a list of host names, got {check._kind(members)}")
+        if not members:
+            raise site.error(where, "is empty: name at least one host")
+        for member in members:
+            _named(site, where, member)
+            if member not in data.get("hosts", {}):
+                raise site.error(where, f"no host {member!r} in [hosts] (hosts: {', '.join(site.host_names) or 'none'})")
+        if len(set(members)) != len(members):
+            raise site.error(where, "names a host twice")
 
 
 def _check_selection(site: Site, path: tuple[str, ...], table: dict, allowed: tuple[str, ...]) -> None:

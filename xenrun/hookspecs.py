@@ -17,7 +17,7 @@ from xenrun import hookspec
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from xenrun.changes import BootEntry, Change
     from xenrun.config import Host
-    from xenrun.domains import Domain, DomainDisk
+    from xenrun.domains import DiskSpec, Domain, DomainDisk
     from xenrun.facts import Facts, Probe
     from xenrun.settings import Setting
 
@@ -124,12 +124,15 @@ def configure_network(facts: Facts, host: Host) -> list[Change] | None:
 
 
 @hookspec(firstresult=True)
-def create_domain(facts: Facts, host: Host, domain: Domain) -> DomainDisk | None:
+def create_domain(facts: Facts, host: Host, domain: Domain, disk: DiskSpec) -> DomainDisk | None:
     """Plan the disk of one guest (S16) and say how xl should see it.
 
-    When: once per domain and disk, when a domain is created.
-    Parameters: ``facts``; ``host``; ``domain`` the validated guest spec.
-    Returns: a DomainDisk (the Changes that make the disk, and the xl ``disk=``
-    entry); None means "not mine" (the disk names another backend).
+    When: once per domain and disk, when a domain is created (``xenrun
+    domain.create``), before its xl config is written.
+    Parameters: ``facts``; ``host``; ``domain`` the validated guest spec;
+    ``disk`` the one disk of ``domain`` to plan (its ``backend`` names the plugin).
+    Returns: a DomainDisk (the Changes that make the disk, the xl ``disk=``
+    entry, and notes for the plan); None means "not mine" (the disk names another
+    backend).
     First result wins: the plugin named by the disk's ``backend`` answers.
     """

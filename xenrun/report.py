@@ -42,6 +42,11 @@ def text(result, show_unchanged: bool = True) -> str:
 
 
 def as_json(result) -> str:
+    return json.dumps(as_dict(result), indent=2) + "\n"
+
+
+def as_dict(result) -> dict:
+    """The object as_json prints (a fleet's report holds one per host)."""
     actions = result.results or [o.action for o in result.outcomes]
     plan = []
     for outcome, action in zip(result.outcomes, actions):
@@ -54,6 +59,64 @@ def as_json(result) -> str:
             item["path"] = outcome.path
             item["diff"] = outcome.diff
         plan.append(item)
-    return json.dumps({"host": result.host, "target": result.target, "plan": plan,
-                       "report": {"status": result.status, "run": result.run, "notes": result.notes},
-                       "summary": result.summary()}, indent=2) + "\n"
+    return {"host": result.host, "target": result.target, "plan": plan,
+            "report": {"status": result.status, "run": result.run, "notes": result.notes},
+            "summary": result.summary()}
+
+
+# -- fleets (xenrun.fleet) ------------------------------------------------------------
+
+def progress_line(done: int, total: int, host_run) -> str:
+    """One line on stderr as a host finishes: "[12/30] xen07 applied: 5 changed in 0.42 s"."""
+    s = host_run.summary()
+    what = f"{s['changed']} changed" if host_run.status == "applied" else \
+        f"{s['changed']} to change" if host_run.status in ("planned", "not applied") else \
+        host_run.error.splitlines()[0][:160] if host_run.error else ""
+    return f"[{done}/{total}] {host_run.host} {host_run.status}{': ' + what if what else ''} in {host_run.seconds:.2f} s"
+
+
+def fleet_summary(fleet) -> dict:
+    by_status: dict[str, int] = {}
+    for r in fleet.runs:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+    totals = {k: sum(r.summary()[k] for r in fleet.runs) for k in ("changed", "unchanged", "pending")}
+    return {"hosts": len(fleet.runs), "ok": sum(r.ok for r in fleet.runs),
+            "not_ok": sum(not r.ok for r in fleet.runs), "statuses": by_status, **totals,
+            "seconds": round(fleet.seconds, 3)}
+
+
+def fleet_table(fleet) -> str:
+    """The table at the end of a fleet run, then one line per host that failed."""
+    width = max([4] + [len(r.host) for r in fleet.runs])
+    out = [f"{'host':<{width}}  {'changed':>7}  {'unchanged':>9}  {'pending':>7}  {'status':<13}  {'seconds':>7}"]
+    for r in fleet.runs:
+        s = r.summary()
+        out.append(f"{r.host:<{width}}  {s['changed']:>7}  {s['unchanged']:>9}  {s['pending']:>7}"
+                   f"  {r.status:<13}  {r.seconds:>7.2f}")
+    total = fleet_summary(fleet)
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(total["statuses"].items()))
+    out.append(f"{total['hosts']} host(s): {statuses}; {total['changed']} changed in {fleet.seconds:.2f} s")
+    out += [f"{r.host}: {r.status}: {r.error}" for r in fleet.runs if r.error]
+    return "\n".join(out) + "\n"
+
+
+def fleet_text(fleet, plans: bool) -> str:
+    """``plans``: every host's plan first (--dry, or before asking), then the table."""
+    out = []
+    if plans:
+        out += [text(r.result, show_unchanged=False) for r in fleet.runs if r.result]
+    return "\n".join(out + [fleet_table(fleet)])
+
+
+def fleet_json(fleet) -> str:
+    hosts = []
+    for r in fleet.runs:
+        item = as_dict(r.result) if r.result else {
+            "host": r.host, "target": r.target, "plan": [],
+            "report": {"status": r.status, "run": None, "notes": []}, "summary": r.summary()}
+        item["report"]["status"] = r.status
+        item["report"]["error"] = r.error or None
+        item["seconds"] = round(r.seconds, 3)
+        item["round_trips"] = r.round_trips
+        hosts.append(item)
+    return json.dumps({"hosts": hosts, "summary": fleet_summary(fleet)}, indent=2) + "\n"

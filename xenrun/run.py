@@ -60,7 +60,11 @@ class Prepared:
 def prepare(options: Options) -> Prepared:
     """Everything that can be checked before reading the target: the site, the
     host's selection, its plugins and their settings, and the target itself."""
-    site = load_site(options.config)
+    return prepare_in(load_site(options.config), options)
+
+
+def prepare_in(site: Site, options: Options) -> Prepared:
+    """``prepare`` with plugins.toml already loaded (a fleet reads it once)."""
     if options.host and site.host_names and options.host not in site.host_names and not options.root:
         raise UsageError(f"--host: no host {options.host!r} in {site.file} (hosts: {', '.join(site.host_names)})")
     root = options.root

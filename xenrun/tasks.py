@@ -11,7 +11,8 @@ import sys
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from xenrun import logs, report, run
+from xenrun import fleet, logs, report, run
+from xenrun.config import load_site
 from xenrun.errors import XenrunError
 
 HELP = {
@@ -65,14 +66,44 @@ def _show(result, fmt: str) -> None:
     sys.stdout.write(report.as_json(result) if fmt == "json" else report.text(result))
 
 
-@task(auto_shortflags=False, help=HELP)
-def setup(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text"):
-    """Make this host (or --root, or --host) a Xen dom0: facts, plan, apply."""
+@task(auto_shortflags=False, help={
+    **HELP, "host": HELP["host"] + "; several: a,b,c or @GROUP ([groups] in plugins.toml)",
+    "all": "every host in plugins.toml, in parallel", "parallel": "hosts at once with --all or several --host"
+    f" (default {fleet.DEFAULT_PARALLEL})"})
+def setup(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text",
+          all=False, parallel=fleet.DEFAULT_PARALLEL):
+    """Make this host (or --root, or --host, or --all hosts) a Xen dom0: facts, plan, apply."""
     logs.configure()
+    if fleet.is_fleet(host, all):
+        return _setup_fleet(root, host, config, dry, yes, files_only, format, all, parallel)
     opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
                                    files_only=files_only, format=format))
     result = _guard(lambda: run.setup(opts, _confirm(format)))
     _show(result, format)
+
+
+def _setup_fleet(root, host, config, dry, yes, files_only, fmt, all_hosts, parallel) -> None:
+    """setup on many hosts: progress on stderr, plans (--dry) and the table or JSON on
+    stdout; exit 1 when any host did not end well, 2 when nothing could start."""
+    if root:
+        raise Exit("xenrun: --root names one machine; not with --all or several hosts", code=2)
+    dry = _plan_only(dry, yes)
+    opts = _guard(lambda: _options(config=config, dry=dry, yes=yes, files_only=files_only, format=fmt))
+    names = _guard(lambda: fleet.select(load_site(config), host, all_hosts))
+
+    def progress(done, total, host_run) -> None:
+        print(report.progress_line(done, total, host_run), file=sys.stderr, flush=True)
+
+    def ask(planned) -> bool:
+        sys.stdout.write(report.fleet_text(planned, plans=True))
+        hosts = [r for r in planned.runs if r.ok and r.summary()["changed"]]
+        changes = sum(r.summary()["changed"] for r in hosts)
+        return input(f"Apply {changes} change(s) to {len(hosts)} host(s)? [y/N] ").strip().lower() in ("y", "yes")
+
+    result = _guard(lambda: fleet.setup(opts, names, parallel=int(parallel), ask=ask, progress=progress))
+    sys.stdout.write(report.fleet_json(result) if fmt == "json" else report.fleet_text(result, plans=dry))
+    if not result.ok:
+        raise Exit(code=1)
 
 
 @task(auto_shortflags=False, help=_help("root", "host", "config", "dry", "yes", "format"))
@@ -155,3 +186,6 @@ def promote(c, root=None, host=None, config=None, dry=False, yes=False, files_on
 
 
 ns = Collection(setup, rollback, facts, plugins, boot_check, promote)
+
+from xenrun import domain_tasks  # noqa: E402
+ns.add_collection(domain_tasks.ns, "domain")

@@ -8,6 +8,7 @@ entry-point name is the name plugins.toml selects them by.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from importlib.metadata import entry_points
 
@@ -24,12 +25,16 @@ BUILTIN = {
     "netctl": "xenrun.plugins.netctl",
     "syslinux": "xenrun.plugins.syslinux",
     "efistub": "xenrun.plugins.efistub",
+    "image": "xenrun.plugins.image",
+    "lvm": "xenrun.plugins.lvm",
 }
 ENTRY_POINT_GROUP = PROJECT
 
 
+@functools.lru_cache(maxsize=1)
 def third_party() -> dict:
-    """Entry points of installed plugin packages, by name."""
+    """Entry points of installed plugin packages, by name (read once a process:
+    a fleet builds a plugin manager per host)."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 

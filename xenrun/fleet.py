@@ -1,0 +1,224 @@
+"""Many hosts at once: ``xenrun setup --all`` (or ``--host a,b,@group``).
+
+Every host is prepared first, in order, without touching any of them: a bad
+plugins.toml or a bad selection stops the run with exit 2 before anything runs.
+Then each host runs run.setup_prepared on a thread of its own, at most
+``parallel`` at a time. Threads because the work is blocking I/O (paramiko) and
+each host has its own SSHTarget, plugin manager and structlog context (contextvars
+are per thread), so nothing is shared between hosts but the log's output.
+
+A host's failure stays that host's: it is caught on its thread and becomes its
+status, the others go on.
+
+- ``failed``: a step of the apply failed; every file it changed was put back
+- ``unreachable``: no SSH session could be opened
+- ``invalid``: its facts, plan or target refused the run (nothing was touched)
+- ``error``: anything else (a bug: its traceback is logged)
+
+Asking before applying (a terminal, no --yes): every host is planned first, all
+the plans are shown and the question asked once; then each host is planned again
+under its lock and applied only if that plan is the one that was shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import structlog
+
+from xenrun import run
+from xenrun.config import load_site
+from xenrun.errors import ApplyError, ConfigError, TargetError, UsageError
+from xenrun.plan import CHANGE
+from xenrun.settings import name as check_name
+
+log = structlog.get_logger()
+
+DEFAULT_PARALLEL = 10
+OK = ("applied", "nothing to do", "planned", "not applied")
+
+
+@dataclass
+class HostRun:
+    """One host's part of a fleet run."""
+
+    host: str
+    status: str  # one of OK, or failed, unreachable, invalid, error
+    seconds: float = 0.0
+    result: run.Result | None = None
+    error: str = ""
+    target: str = ""
+    round_trips: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in OK
+
+    def summary(self) -> dict:
+        return self.result.summary() if self.result else {"changed": 0, "unchanged": 0, "pending": 0}
+
+
+@dataclass
+class Fleet:
+    runs: list[HostRun]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.runs)
+
+
+def is_fleet(host: str | None, all_hosts: bool) -> bool:
+    """Whether the selection names more than one host (or a group)."""
+    return all_hosts or bool(host) and ("," in host or host.startswith("@"))
+
+
+def select(site, host: str | None, all_hosts: bool) -> list[str]:
+    """Host names from --all or --host "a,b,@group", in the order given (plugins.toml
+    order for --all and groups), each once."""
+    if all_hosts and host:
+        raise UsageError("give --all or --host, not both")
+    if all_hosts:
+        if not site.host_names:
+            raise UsageError(f"--all: no [hosts.NAME] in {site.file or 'plugins.toml (none found)'}")
+        return site.host_names
+    names: list[str] = []
+    for word in (w.strip() for w in (host or "").split(",")):
+        if not word:
+            raise UsageError(f"--host: an empty name in {host!r}")
+        if word.startswith("@"):
+            group = word[1:]
+            if group not in site.groups:
+                raise UsageError(f"--host: no group {group!r} in [groups] of {site.file}"
+                                 f" (groups: {', '.join(site.groups) or 'none'})")
+            names += site.groups[group]
+            continue
+        try:
+            check_name(word)
+        except ValueError as e:
+            raise UsageError(f"--host: {e}") from None
+        if word not in site.host_names:
+            raise UsageError(f"--host: no host {word!r} in {site.file} (hosts: {', '.join(site.host_names)})")
+        names.append(word)
+    return list(dict.fromkeys(names))
+
+
+def prepare_all(options: run.Options, names: list[str]) -> list[run.Prepared]:
+    """run.prepare for every host: all checks, no host touched (SSH connects on first
+    use). The first error ends the whole run, named after its host."""
+    prepared = []
+    site = load_site(options.config)
+    for name in names:
+        spec = site.host(name)
+        if not spec.address and spec.root is None:
+            # a host without either is "this machine": never one of many
+            raise UsageError(f"host {name!r}: a fleet host needs address or root in plugins.toml")
+        try:
+            prepared.append(run.prepare_in(site, dataclasses.replace(options, host=name)))
+        except ConfigError:
+            raise  # names file, line and key already
+        except UsageError as e:
+            raise UsageError(f"host {name!r}: {e}") from None
+    return prepared
+
+
+def _one(p: run.Prepared, options: run.Options, confirm) -> HostRun:
+    """setup of one host on its thread; every failure becomes its status."""
+    started = time.perf_counter()
+    target = p.target
+    out = HostRun(p.host.name, "error", target=str(target))
+    with structlog.contextvars.bound_contextvars(host=p.host.name):
+        try:
+            out.result = run.setup_prepared(p, options, confirm)
+            out.status = out.result.status
+        except ApplyError as e:
+            out.status, out.error = "failed", str(e)
+        except TargetError as e:
+            never_connected = hasattr(target, "stats") and not target.stats.get("connect")
+            out.status, out.error = ("unreachable" if never_connected else "invalid"), str(e)
+        except UsageError as e:
+            out.status, out.error = "invalid", str(e)
+        except Exception as e:  # noqa: BLE001 - a bug on one host must not stop the others
+            log.exception("unexpected error")
+            out.status, out.error = "error", f"{type(e).__name__}: {e}"
+        finally:
+            try:
+                close = getattr(target, "close", None)
+                if close:
+                    close()  # ends the SSH session (and so releases a lock still held)
+            except Exception:  # noqa: BLE001 - closing a broken session
+                pass
+    out.seconds = time.perf_counter() - started
+    out.round_trips = dict(getattr(target, "stats", {}))
+    return out
+
+
+def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, parallel: int,
+             progress) -> list[HostRun]:
+    """Each host on a pool thread, at most ``parallel`` at once; ``progress(done,
+    total, host_run)`` as each finishes. Returns runs in the order of ``prepared``."""
+    if any(hasattr(p.target, "stats") for p in prepared):
+        import fabric  # noqa: F401 - imported once here rather than by many threads at once
+    runs: dict[str, HostRun] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(prepared))),
+                            thread_name_prefix="xenrun-host") as pool:
+        futures = [pool.submit(_one, p, options, confirm_for(p.host.name)) for p in prepared]
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                r = future.result()
+                runs[r.host] = r
+                if progress:
+                    progress(done, len(prepared), r)
+        except BaseException:
+            # Ctrl-C: hosts not started yet are not started; running ones finish
+            # (or roll back) on their own rather than being cut off mid-apply
+            for future in futures:
+                future.cancel()
+            raise
+    return [runs[p.host.name] for p in prepared]
+
+
+def _signature(result: run.Result) -> list:
+    """What an apply would do, to compare the plan under the lock with the one shown."""
+    return [(o.change, o.diff) for o in result.outcomes if o.action == CHANGE]
+
+
+def setup(options: run.Options, names: list[str], parallel: int = DEFAULT_PARALLEL, ask=None,
+          progress=None) -> Fleet:
+    """Plan (and unless --dry, apply) every host in ``names``.
+
+    ``ask(fleet)`` (a terminal, no --yes) is called once with every host's plan and
+    returns True to apply them; without it and without --yes nothing is applied.
+    Raises UsageError (exit 2) before any host is touched when the configuration
+    is wrong."""
+    if parallel < 1:
+        raise UsageError(f"--parallel: {parallel} is not a number of hosts (1 or more)")
+    started = time.perf_counter()
+    prepared = prepare_all(options, names)
+    if options.dry or options.yes:
+        runs = _run_all(prepared, options, lambda _name: None, parallel, progress)
+        return Fleet(runs, time.perf_counter() - started)
+    planned = _run_all(prepared, dataclasses.replace(options, dry=True), lambda _name: None, parallel, progress)
+    fleet = Fleet(planned, time.perf_counter() - started)
+    if ask is None or not any(r.ok and r.summary()["changed"] for r in planned) or not ask(fleet):
+        for r in planned:
+            if r.status == "planned":
+                r.status = "not applied"
+        return fleet
+    shown = {r.host: _signature(r.result) for r in planned if r.ok}
+
+    def confirm_for(name):
+        def confirm(result: run.Result) -> bool:
+            if _signature(result) == shown[name]:
+                return True
+            result.notes.append("the plan changed after it was shown: not applied; run again to see it")
+            return False
+        return confirm
+
+    again = prepare_all(options, list(shown))  # fresh targets: nothing cached from the first look
+    applied = {r.host: r for r in _run_all(again, options, confirm_for, parallel, progress)}
+    runs = [applied.get(r.host, r) for r in planned]
+    return Fleet(runs, time.perf_counter() - started)

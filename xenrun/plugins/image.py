@@ -1,0 +1,52 @@
+"""image: guest disks as sparse image files (S16), as `truncate -s 10G domU.img`.
+
+A new image only has its size set: a 10 GiB disk allocates almost nothing until the
+guest writes. An existing image is never truncated or overwritten; it is grown only
+when its disk says ``grow = true``. xl sees it as ``file:PATH,VDEV,w`` (the article's
+form); ``syntax = "target"`` writes xl's newer key=value form instead
+(``format=raw,vdev=xvda,access=rw,target=PATH``), which Xen 4.2 and later read and
+which does not depend on the deprecated ``file:`` prefix."""
+
+from __future__ import annotations
+
+from xenrun import hookimpl
+from xenrun import settings as check
+from xenrun.changes import SparseFile
+from xenrun.domains import DomainDisk
+from xenrun.settings import Setting
+
+NAME = "image"
+
+
+@hookimpl
+def declare_settings():
+    return {NAME: {
+        "dir": Setting(check.absolute_path, "/var/lib/xen/images", "the folder new disk images go in"),
+        "syntax": Setting(check.choice("file", "target"), "file",
+                          "file: the article's file:PATH,VDEV,w; target: xl's format=raw,...,target=PATH"),
+    }}
+
+
+def image_path(host, domain, disk) -> str:
+    """Where a disk's image is: its own ``path``, else DIR/NAME.img for the first
+    disk and DIR/NAME-VDEV.img for the others."""
+    if disk.path:
+        return disk.path
+    folder = host.settings[NAME]["dir"].rstrip("/")
+    first = domain.disks[0].vdev == disk.vdev
+    return f"{folder}/{domain.name}.img" if first else f"{folder}/{domain.name}-{disk.vdev}.img"
+
+
+@hookimpl
+def create_domain(facts, host, domain, disk):
+    if disk.backend != NAME:
+        return None
+    path = image_path(host, domain, disk)
+    access = "w" if disk.access == "w" else "r"
+    if host.settings[NAME]["syntax"] == "target":
+        entry = f"format=raw,vdev={disk.vdev},access={'rw' if access == 'w' else 'ro'},target={path}"
+    else:
+        entry = f"file:{path},{disk.vdev},{access}"
+    change = SparseFile(path, disk.size, grow=disk.grow, mode=0o600, step="S16",
+                        why=f"disk {disk.vdev} of {domain.name} (sparse image)")
+    return DomainDisk(changes=[change], entry=entry)

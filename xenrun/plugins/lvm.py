@@ -1,0 +1,83 @@
+"""lvm: guest disks as LVM logical volumes (S16), faster than image files.
+
+``lvcreate`` makes NAME (or NAME-VDEV for further disks) in the volume group of the
+disk (``vg``) or of the plugin's setting; xl sees it as ``phy:/dev/VG/LV,VDEV,w``.
+Free space is checked from the facts before planning (``vgs``, gathered by the
+facts plugin); where it cannot be known (a --root folder without LVM) the plan
+says so instead. A volume is never removed, shrunk or resized by xenrun: a volume
+of another size than the spec is reported, with what to run by hand."""
+
+from __future__ import annotations
+
+import json
+
+from xenrun import hookimpl
+from xenrun import settings as check
+from xenrun.changes import RunCommand
+from xenrun.domains import DomainDisk
+from xenrun.settings import Setting
+
+NAME = "lvm"
+_GIB = 1 << 30
+
+
+@hookimpl
+def declare_settings():
+    return {NAME: {"vg": Setting(check.name, None, "the volume group guest volumes go in, e.g. \"vg0\"")}}
+
+
+@hookimpl
+def detect_hardware(probe):
+    """The logical volumes that exist, so a second run knows a volume is there
+    (and its size) without counting it against the free space again."""
+    out = probe.command(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                         "-o", "vg_name,lv_name,lv_size"])
+    return {"logical_volumes": parse_lvs(out) if out else None}
+
+
+def parse_lvs(text: str) -> list[dict]:
+    """``lvs --reportformat json --units b --nosuffix -o vg_name,lv_name,lv_size``
+    -> [{vg, name, size}] in bytes."""
+    data = json.loads(text)
+    return [{"vg": lv["vg_name"], "name": lv["lv_name"], "size": int(float(lv["lv_size"]))}
+            for report in data.get("report", []) for lv in report.get("lv", [])]
+
+
+@hookimpl
+def create_domain(facts, host, domain, disk):
+    if disk.backend != NAME:
+        return None
+    vg = disk.vg or host.settings[NAME]["vg"]
+    key = f"{disk.key}.vg"
+    if vg is None:
+        raise domain.error(key, "no volume group: give vg here or [plugin.lvm] vg in plugins.toml")
+    device = f"/dev/{vg}/{disk.lv}"
+    entry = f"phy:{device},{disk.vdev},{disk.access}"
+    notes = []
+    groups = facts.get("volume_groups")
+    volumes = facts.get("logical_volumes")
+    existing = next((lv for lv in volumes or [] if lv["vg"] == vg and lv["name"] == disk.lv), None)
+    if existing is not None:
+        if existing["size"] != disk.size:
+            notes.append(f"{domain.name}: {vg}/{disk.lv} exists with {_human(existing['size'])}, the spec says"
+                         f" {_human(disk.size)}; xenrun never resizes volumes (back up first, then"
+                         f" `lvextend -L {disk.size}b {device}` and grow the filesystem inside)")
+        return DomainDisk(changes=[], entry=entry, notes=notes)
+    if groups is None:
+        notes.append(f"{domain.name}: free space in {vg} unknown here (vgs cannot run on this target);"
+                     f" lvcreate will check {_human(disk.size)} on the host")
+    else:
+        group = next((g for g in groups if g["name"] == vg), None)
+        if group is None:
+            known = ", ".join(g["name"] for g in groups) or "none"
+            raise domain.error(key, f"no volume group {vg!r} on {host.name} (volume groups: {known})")
+        if group["free"] < disk.size:
+            raise domain.error(f"{disk.key}.size", f"{_human(disk.size)} does not fit: volume group {vg} has"
+                                                   f" {_human(group['free'])} free")
+    change = RunCommand(("lvcreate", "--yes", "--name", disk.lv, "--size", f"{disk.size}b", vg),
+                        creates=device, step="S16", why=f"disk {disk.vdev} of {domain.name} (logical volume)")
+    return DomainDisk(changes=[change], entry=entry, notes=notes)
+
+
+def _human(n: int) -> str:
+    return f"{n / _GIB:.1f} GiB" if n >= _GIB else f"{n >> 20} MiB"
