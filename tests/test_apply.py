@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import signal
 import subprocess
 import sys
@@ -41,7 +40,7 @@ def with_sample(site, settings: str, applets=("true", "false", "sleep")):
     shutil.copytree(site / "hosts" / "arch-grub", root, symlinks=True)
     (root / "etc/hostname").write_text("lab\n")
     text = (site / "plugins.toml").read_text()
-    text += f'\n[hosts.lab]\nroot = "hosts/lab"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
+    text += '\n[hosts.lab]\nroot = "hosts/lab"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
     text += f"\n[hosts.lab.plugin.sample]\n{settings}\n"
     (site / "plugins.toml").write_text(text)
     add_busybox(root, *applets)

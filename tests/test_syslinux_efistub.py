@@ -8,7 +8,6 @@ import os
 import subprocess
 import textwrap
 
-import pytest
 
 from conftest import run_xenrun
 from xenrun.changes import CopyFile, RunCommand, WriteFile

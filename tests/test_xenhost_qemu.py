@@ -10,7 +10,6 @@ with apt-get into the package cache.  The harness is tests/xenhost.py.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -23,13 +23,11 @@ from invoke.exceptions import Exit
 from xenrun import logs, report, run
 from xenrun import plugins as registry
 from xenrun import xlcfg
-from xenrun.apply import Applier
 from xenrun.changes import Change, RemoveFile, RunCommand, Symlink, WriteFile
 from xenrun.config import Host
 from xenrun.domains import (CONFIG_DIR, ISO_KERNELS, ISO_RAMDISKS, Domain, DomainDisk, archiso_extra,
                             derived_mac, guest_notes, iso_reader, load_domains, random_mac)
-from xenrun.errors import PlanError, TargetError, UsageError, XenrunError
-from xenrun.plan import CHANGE, assess
+from xenrun.errors import PlanError, UsageError, XenrunError
 
 log = structlog.get_logger()
 # exits 0 when the guest is NOT running: the guard of shutdown and destroy. Static
@@ -318,42 +316,8 @@ def plan_xl(domain: Domain, action: str) -> list[Change]:
 # -- running a plan (as run.setup does) ------------------------------------------------
 
 def execute(p: run.Prepared, make, options: run.Options, confirm, notes_first: list[str] = ()) -> run.Result:
-    """Assess ``make()`` -> (changes, notes); show it (--dry) or apply it under the
-    target's lock, after finishing or undoing an interrupted run."""
-    with structlog.contextvars.bound_contextvars(host=p.host.name):
-        changes, notes = make()
-        notes = list(notes_first) + notes
-        outcomes = assess(changes, p.target)
-        stop = run.blocked(outcomes, p.target)
-        if options.dry:
-            return run.Result(p.host.name, str(p.target), outcomes, "planned", notes=notes + ([stop] if stop else []))
-        interrupted = run.interrupted_runs(p.target)
-        if stop:
-            raise TargetError(stop)
-        if not interrupted and not any(o.action == CHANGE for o in outcomes):
-            return run.Result(p.host.name, str(p.target), outcomes, "nothing to do", notes=notes)
-        applier = Applier(p.target, p.host.name, log)
-        applier.lock()
-        try:
-            recovered = applier.recover()
-            if recovered:
-                changes, notes = make()
-                outcomes = assess(changes, p.target)
-                if stop := run.blocked(outcomes, p.target):
-                    raise TargetError(stop)
-            result = run.Result(p.host.name, str(p.target), outcomes, "planned",
-                                notes=[f"undid interrupted run {r}" for r in recovered] + notes)
-            if not any(o.action == CHANGE for o in outcomes):
-                result.status = "nothing to do"
-                return result
-            if not options.yes and not confirm(result):
-                result.status = "not applied"
-                return result
-            done = applier.apply(outcomes)
-            result.status, result.run, result.results = "applied", done["run"], done["results"]
-            return result
-        finally:
-            applier.unlock()
+    """Assess ``make()`` -> (changes, notes); show it (--dry) or apply it, as setup does."""
+    return run.execute(p, make, options, confirm, notes_first)
 
 
 def create(opts: DomainOptions, name: str, confirm) -> run.Result:

@@ -207,35 +207,41 @@ def setup(options: Options, confirm) -> Result:
 def setup_prepared(p: Prepared, options: Options, confirm) -> Result:
     """``setup`` of a host already prepared (a fleet prepares every host first, so
     that a bad configuration stops the run before any host is touched)."""
+    return execute(p, lambda: (make_plan(p, gather_facts(p)), []), options, confirm)
+
+
+def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Result:
+    """Assess ``make()`` -> (changes, notes) and show it (--dry), or apply it under
+    the target's lock. Used by setup and the domain tasks alike.
+
+    The plan is made first without the lock, so a run that is refused or has
+    nothing to do leaves no trace on the target; then, under the lock, an
+    interrupted run is undone (and the plan made again), and the plan applied."""
     with structlog.contextvars.bound_contextvars(host=p.host.name):
-        if options.dry:
-            notes = [f"an interrupted run ({r}) will be undone first by the next apply" for r in interrupted_runs(p.target)]
-            outcomes = assess(make_plan(p, gather_facts(p)), p.target)
-            stop = blocked(outcomes, p.target)
-            return Result(p.host.name, str(p.target), outcomes, "planned", notes=notes + ([stop] if stop else []))
-        # Plan without the lock first: a run that is refused or has nothing to do
-        # leaves no trace on the target. Then lock, and plan again under the lock.
+        changes, notes = make()
+        notes = list(notes_first) + list(notes)
+        outcomes = assess(changes, p.target)
+        stop = blocked(outcomes, p.target)
         interrupted = interrupted_runs(p.target)
-        changes = make_plan(p, gather_facts(p)) if not interrupted else None
-        if changes is not None:
-            outcomes = assess(changes, p.target)
-            stop = blocked(outcomes, p.target)
-            if stop:
-                raise TargetError(stop)
-            if not any(o.action == CHANGE for o in outcomes):
-                return Result(p.host.name, str(p.target), outcomes, "nothing to do")
+        if options.dry:
+            notes += [f"an interrupted run ({r}) will be undone first by the next apply" for r in interrupted]
+            return Result(p.host.name, str(p.target), outcomes, "planned", notes=notes + ([stop] if stop else []))
+        if stop:
+            raise TargetError(stop)
+        if not interrupted and not any(o.action == CHANGE for o in outcomes):
+            return Result(p.host.name, str(p.target), outcomes, "nothing to do", notes=notes)
         applier = Applier(p.target, p.host.name, log)
         applier.lock()
         try:
             recovered = applier.recover()
-            if recovered or changes is None:
-                changes = make_plan(p, gather_facts(p))
-            outcomes = assess(changes, p.target)
-            stop = blocked(outcomes, p.target)
-            if stop:
+            if recovered:
+                changes, notes = make()
+                notes = list(notes_first) + list(notes)
+            outcomes = assess(changes, p.target)  # again, under the lock
+            if stop := blocked(outcomes, p.target):
                 raise TargetError(stop)
             result = Result(p.host.name, str(p.target), outcomes, "planned",
-                            notes=[f"undid interrupted run {r}" for r in recovered])
+                            notes=[f"undid interrupted run {r}" for r in recovered] + notes)
             if not any(o.action == CHANGE for o in outcomes):
                 result.status = "nothing to do"
                 return result

@@ -20,7 +20,7 @@ from xenrun import hookimpl
 from xenrun import settings as check
 from xenrun.changes import BootEntry, CopyFile, RunCommand, WriteFile
 from xenrun.errors import PlanError
-from xenrun.profiles import boot_files, profile_for
+from xenrun.profiles import boot_files
 from xenrun.settings import Setting
 
 log = structlog.get_logger()
