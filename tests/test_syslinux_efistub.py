@@ -178,3 +178,32 @@ def test_efi_helper_script_finds_entries_by_exact_label(tmp_path):
     assert "--create-only --disk /dev/nvme0n1 --part 1 --loader \\xen.efi --label Xen2" in log.read_text()
     r = run("once", "Nope")
     assert r.returncode == 1 and "no boot entry labelled Nope" in r.stderr
+
+
+def test_efistub_on_debian_copies_the_kernel_beside_xen(site):
+    """Debian keeps the kernel in /boot and the ESP on /boot/efi, with Xen's EFI
+    build as /boot/xen-4.17-amd64.efi: Xen and its kernel go to EFI/xen together."""
+    root = site / "hosts/debian-grub"
+    fstab = root / "etc/fstab"
+    fstab.write_text(fstab.read_text() + "UUID=1A2B-3C4D /boot/efi vfat umask=0077 0 1\n")
+    (root / "sys/firmware/efi").mkdir(parents=True)
+    (root / "usr/bin/efibootmgr").write_bytes(b"placeholder\n")
+    (site / "plugins.toml").write_text((site / "plugins.toml").read_text().replace(
+        'root = "hosts/debian-grub"\nboot = "grub"',
+        'root = "hosts/debian-grub"\nboot = "efistub"\n\n[hosts.debian-grub.plugin.efistub]\ndisk = "/dev/vda"\npartition = 15'))
+    facts, changes = _of(site, "debian-grub", "efistub")
+    copies = [(c.src, c.dest) for c in changes if isinstance(c, CopyFile)]
+    assert copies == [("/boot/xen-4.17-amd64.efi", "/boot/efi/EFI/xen/xen.efi"),
+                      ("/boot/vmlinuz-6.1.0-27-amd64", "/boot/efi/EFI/xen/vmlinuz-6.1.0-27-amd64"),
+                      ("/boot/initrd.img-6.1.0-27-amd64", "/boot/efi/EFI/xen/initrd.img-6.1.0-27-amd64")]
+    cfg = next(c for c in changes if isinstance(c, WriteFile) and c.path.endswith("xen.cfg"))
+    assert cfg.path == "/boot/efi/EFI/xen/xen.cfg"
+    assert cfg.content.decode() == (
+        "[global]\ndefault=xen\n\n[xen]\noptions=dom0_mem=512M,max:512M dom0_max_vcpus=2 dom0_vcpus_pin\n"
+        "kernel=vmlinuz-6.1.0-27-amd64 root=UUID=7d0ed2d5-3c4e-4a1e-9a6e-2f8b7b9e4c11 ro quiet\n"
+        "ramdisk=initrd.img-6.1.0-27-amd64\n")
+    create = next(c for c in changes if isinstance(c, RunCommand) and c.argv[1] == "create")
+    assert create.argv[2:] == ("Xen", "/dev/vda", "15", "\\EFI\\xen\\xen.efi")
+    apply_host(site / "plugins.toml", "debian-grub")
+    _, outcomes = plan_host(site / "plugins.toml", "debian-grub")
+    assert [o for o in outcomes if o.action == "change"] == []
