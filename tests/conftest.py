@@ -93,3 +93,18 @@ def add_busybox(root: Path, *applets: str) -> None:
         link = root / "bin" / applet
         if not link.exists():
             link.symlink_to("busybox")
+
+
+def lab_host(site: Path, settings: str, applets=("true", "false", "sleep")) -> Path:
+    """A host "lab" (a copy of the arch-grub root, no boot or network plugin) that
+    selects the third-party sample plugin with ``settings``; its root gets busybox
+    so the sample's command really runs there with chroot."""
+    root = site / "hosts" / "lab"
+    shutil.copytree(site / "hosts" / "arch-grub", root, symlinks=True)
+    (root / "etc/hostname").write_text("lab\n")
+    text = (site / "plugins.toml").read_text()
+    text += '\n[hosts.lab]\nroot = "hosts/lab"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
+    text += f"\n[hosts.lab.plugin.sample]\n{settings}\n"
+    (site / "plugins.toml").write_text(text)
+    add_busybox(root, *applets)
+    return root

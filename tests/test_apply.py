@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import HOSTS, add_busybox, file_map, run_xenrun, tree_hash
+from conftest import HOSTS, file_map, lab_host, run_xenrun, tree_hash
 
 
 @pytest.fixture(autouse=True)
@@ -29,22 +29,6 @@ def setup_json(site, host, *extra, env=None):
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", host, "--format", "json", "--files-only",
                    *extra, env=env)
     return r, (json.loads(r.stdout) if r.stdout.strip() else None)
-
-
-def with_sample(site, settings: str, applets=("true", "false", "sleep")):
-    """A host "lab" (a copy of the arch-grub root, no boot plugin) that selects the
-    third-party sample plugin with ``settings``; its root gets busybox so the
-    sample's command really runs there with chroot."""
-    import shutil
-    root = site / "hosts" / "lab"
-    shutil.copytree(site / "hosts" / "arch-grub", root, symlinks=True)
-    (root / "etc/hostname").write_text("lab\n")
-    text = (site / "plugins.toml").read_text()
-    text += '\n[hosts.lab]\nroot = "hosts/lab"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
-    text += f"\n[hosts.lab.plugin.sample]\n{settings}\n"
-    (site / "plugins.toml").write_text(text)
-    add_busybox(root, *applets)
-    return root
 
 
 @pytest.mark.parametrize("host", HOSTS)
@@ -91,7 +75,7 @@ def test_no_terminal_and_no_yes_only_plans(site):
 
 
 def test_failing_command_leaves_the_tree_byte_identical(site):
-    root = with_sample(site, 'files = 3\ncommand = ["false"]')
+    root = lab_host(site, 'files = 3\ncommand = ["false"]')
     before = tree_hash(root, skip_state=True)
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 1, r.stderr
@@ -100,7 +84,7 @@ def test_failing_command_leaves_the_tree_byte_identical(site):
 
 
 def test_failing_validator_leaves_the_tree_byte_identical(site):
-    root = with_sample(site, 'validate = ["grep", "-q", "not-there", "{}"]')
+    root = lab_host(site, 'validate = ["grep", "-q", "not-there", "{}"]')
     before = tree_hash(root, skip_state=True)
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 1
@@ -109,14 +93,14 @@ def test_failing_validator_leaves_the_tree_byte_identical(site):
 
 
 def test_validator_that_passes_lets_the_file_go_live(site):
-    root = with_sample(site, 'motd = "ok-host"\nvalidate = ["grep", "-q", "ok", "{}"]')
+    root = lab_host(site, 'motd = "ok-host"\nvalidate = ["grep", "-q", "ok", "{}"]')
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 0, r.stderr
     assert (root / "etc/motd").read_text() == "ok-host\n"
 
 
 def test_command_runs_inside_the_root_with_chroot(site):
-    root = with_sample(site, 'command = ["touch", "/ran-inside"]', applets=("touch",))
+    root = lab_host(site, 'command = ["touch", "/ran-inside"]', applets=("touch",))
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     assert r.returncode == 0, r.stderr
     assert (root / "ran-inside").exists()
@@ -125,7 +109,7 @@ def test_command_runs_inside_the_root_with_chroot(site):
 
 
 def test_command_that_cannot_run_stops_before_anything_changes(site):
-    root = with_sample(site, 'command = ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]', applets=())
+    root = lab_host(site, 'command = ["grub-mkconfig", "-o", "/boot/grub/grub.cfg"]', applets=())
     (root / "usr/bin/grub-mkconfig").unlink()
     before = tree_hash(site)
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
@@ -153,7 +137,7 @@ def _managed_states(site, host, settings):
 def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(site, tmp_path):
     import shutil
     settings = 'files = 3\ncommand = ["true"]'
-    with_sample(site, settings)
+    lab_host(site, settings)
     old, new = _managed_states(site, "lab", settings)
     managed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
     assert len(managed) >= 8  # 4 from the xen plugin, motd and 3 sample files
@@ -186,7 +170,7 @@ def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(sit
 
 
 def test_two_concurrent_applies_exactly_one_proceeds(site):
-    root = with_sample(site, 'command = ["sleep", "3"]')
+    root = lab_host(site, 'command = ["sleep", "3"]')
     cmd = [sys.executable, "-m", "xenrun", "setup", "--config", str(site / "plugins.toml"),
            "--host", "lab", "--yes"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOSTS, add_busybox, file_map, run_xenrun, tree_hash
+from conftest import HOSTS, file_map, lab_host, run_xenrun, tree_hash
 from sshd import available, free_port, start_sshd
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=available() or "")
@@ -88,21 +88,6 @@ def setup_ssh(site, host, root, sshd, *extra, env=None):
     r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", host, "--format", "json",
                    *extra, env=env)
     return r, (json.loads(r.stdout) if r.stdout.strip() else None)
-
-
-def with_lab(site: Path, settings: str, applets=("true", "false", "sleep")) -> Path:
-    """A host "lab" (a copy of arch-grub's root, no boot or network plugin) that
-    selects the sample plugin with ``settings``; busybox in its root runs the
-    sample's command with chroot."""
-    root = site / "hosts" / "lab"
-    shutil.copytree(site / "hosts" / "arch-grub", root, symlinks=True)
-    (root / "etc/hostname").write_text("lab\n")
-    text = (site / "plugins.toml").read_text()
-    text += '\n[hosts.lab]\nroot = "hosts/lab"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
-    text += f"\n[hosts.lab.plugin.sample]\n{settings}\n"
-    (site / "plugins.toml").write_text(text)
-    add_busybox(root, *applets)
-    return root
 
 
 def local_reference(site: Path, host: str, *extra) -> dict:
@@ -188,7 +173,7 @@ def test_setup_over_ssh_equals_local_apply_and_a_rerun_changes_nothing(site, ssh
 
 
 def test_commands_run_inside_the_root_with_chroot_over_ssh(site, sshd):
-    root = with_lab(site, 'command = ["touch", "/ran-inside"]', applets=("touch",))
+    root = lab_host(site, 'command = ["touch", "/ran-inside"]', applets=("touch",))
     over_ssh(site, "lab", sshd)
     r, report = setup_ssh(site, "lab", root, sshd, "--yes")
     assert r.returncode == 0, r.stderr
@@ -199,7 +184,7 @@ def test_commands_run_inside_the_root_with_chroot_over_ssh(site, sshd):
 
 
 def test_failing_command_over_ssh_leaves_the_tree_byte_identical(site, sshd):
-    root = with_lab(site, 'files = 3\ncommand = ["false"]')
+    root = lab_host(site, 'files = 3\ncommand = ["false"]')
     over_ssh(site, "lab", sshd)
     before = tree_hash(root, skip_state=True)
     r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
@@ -209,7 +194,7 @@ def test_failing_command_over_ssh_leaves_the_tree_byte_identical(site, sshd):
 
 
 def test_validator_runs_on_the_host_over_ssh(site, sshd):
-    root = with_lab(site, 'validate = ["grep", "-q", "not-there", "{}"]')
+    root = lab_host(site, 'validate = ["grep", "-q", "not-there", "{}"]')
     over_ssh(site, "lab", sshd)
     before = tree_hash(root, skip_state=True)
     r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
@@ -223,7 +208,7 @@ def test_validator_runs_on_the_host_over_ssh(site, sshd):
 
 
 def test_sigkill_mid_apply_releases_the_remote_lock_and_the_next_run_converges(site, sshd, tmp_path):
-    with_lab(site, 'files = 3\ncommand = ["true"]')
+    lab_host(site, 'files = 3\ncommand = ["true"]')
     new = local_reference(site, "lab")
     over_ssh(site, "lab", sshd)
     point, killed = 0, 0
@@ -255,7 +240,7 @@ def test_sigkill_mid_apply_releases_the_remote_lock_and_the_next_run_converges(s
 
 
 def test_two_concurrent_runs_over_ssh_exactly_one_proceeds(site, sshd):
-    root = with_lab(site, 'command = ["sleep", "3"]')
+    root = lab_host(site, 'command = ["sleep", "3"]')
     over_ssh(site, "lab", sshd)
     args = ("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
     first = xenrun_ssh(root, sshd, *args, popen=True)
