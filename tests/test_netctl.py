@@ -86,6 +86,7 @@ Description='Xen bridge connection'
 Interface=xenbr0
 Connection=bridge
 BindsToInterfaces=(eth0)
+MACAddress=eth0
 IP=dhcp
 """
 
@@ -95,6 +96,7 @@ Description='Xen bridge connection'
 Interface=xenbr0
 Connection=bridge
 BindsToInterfaces=(enp3s0)
+MACAddress=enp3s0
 IP=static
 Address=('192.168.1.10/24')
 Gateway='192.168.1.1'

@@ -172,6 +172,9 @@ def test_dhcp_bridge_profile_starts_with_netctls_own_script(lab):
     assert ipaddress.IPv4Interface(address) in ipaddress.IPv4Network("10.213.0.0/24")
     assert 100 <= int(address.split("/")[0].rsplit(".", 1)[1]) <= 150  # from dnsmasq's range
     assert lab.default_route()[0]["dev"] == "xenbr0" and lab.default_route()[0]["gateway"] == LAN_GW
+    # the bridge wears the uplink's MAC (MACAddress=eth0), so DHCP keeps the host's address
+    macs = {link["ifname"]: link.get("address") for link in json.loads(lab.ip_json("link"))}
+    assert macs["xenbr0"] == macs["eth0"]
     brctl = lab.run("brctl", "show", "xenbr0", check=False)
     if brctl.returncode == 0:
         assert "eth0" in brctl.stdout

@@ -132,6 +132,9 @@ def render_profile(bridge: str, uplink: str, ip: str, address: str | None = None
         "Interface=" + shlex.quote(bridge),
         "Connection=bridge",
         f"BindsToInterfaces=({shlex.quote(uplink)})",
+        # the bridge takes the uplink's MAC, so DHCP hands it the address the host
+        # already had and an SSH session survives the switch
+        "MACAddress=" + shlex.quote(uplink),
         f"IP={ip}",
     ]
     if ip == "dhcp" and dhcp_client:

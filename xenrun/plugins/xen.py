@@ -56,7 +56,7 @@ def xen_options(facts, host):
     options = []
     if s["dom0_mem"]:
         mib = s["dom0_mem"] // (1 << 20)
-        if facts.memory_mib and mib >= facts.memory_mib:
+        if facts.memory_mib and not facts.xen_running and mib >= facts.memory_mib:  # under Xen: dom0's own share
             raise host.setting_error("xen", "dom0_mem", f"{mib} MiB is not less than the host's {facts.memory_mib} MiB")
         size = check.xen_size(s["dom0_mem"])
         options.append(f"dom0_mem={size},max:{size}")  # fixed: no ballooning (S14)
