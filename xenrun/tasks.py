@@ -92,7 +92,9 @@ def _setup_fleet(root, host, config, dry, yes, files_only, fmt, all_hosts, paral
     names = _guard(lambda: fleet.select(load_site(config), host, all_hosts))
 
     def progress(done, total, host_run) -> None:
-        print(report.progress_line(done, total, host_run), file=sys.stderr, flush=True)
+        # one write of a whole line: threads' log lines never split it
+        sys.stderr.write(report.progress_line(done, total, host_run) + "\n")
+        sys.stderr.flush()
 
     def ask(planned) -> bool:
         sys.stdout.write(report.fleet_text(planned, plans=True))
