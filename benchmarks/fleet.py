@@ -249,7 +249,9 @@ def xenrun_detail(r: subprocess.CompletedProcess) -> str:
     except ValueError:
         return "no JSON"
     hosts = data["hosts"]
-    trips = [h["round_trips"].get("command", 0) + h["round_trips"].get("sftp", 0) for h in hosts]
+    # a round trip: a shell request ("command") or a wait for SFTP answers ("sftp_waits":
+    # one request, or a pipeline of them; "sftp" counts the requests themselves)
+    trips = [h["round_trips"].get("command", 0) + h["round_trips"].get("sftp_waits", 0) for h in hosts]
     statuses = data["summary"]["statuses"]
     return (f"{', '.join(f'{n} {s}' for s, n in statuses.items())}; {data['summary']['changed']} changed;"
             f" round trips per host {min(trips)}-{max(trips)} (mean {sum(trips) / len(trips):.0f},"
@@ -301,9 +303,10 @@ def main() -> None:
             res = bench(tool, plain, biggest)
             print(f"{tool:<8} {biggest:>5} {res['first'][0]:>8.2f} s {res['re-run'][0]:>6.2f} s  {res['done']:<8}"
                   f"  {res['first'][1]}", flush=True)
-        print("\n(xenrun: one SSH connection per host with a persistent shell and an SFTP session, both started"
-              " through the login shell, so .bashrc runs twice per host, in parallel; the Fabric script: one exec"
-              " per host; pyinfra and Ansible: one per command or module)")
+        print("\n(xenrun: one SSH connection per host with a persistent shell, and an SFTP session once a run"
+              " writes, each started through the login shell, so .bashrc runs once per host on a run with nothing"
+              " to do and twice on one that changes files; the Fabric script: one exec per host; pyinfra and"
+              " Ansible: one per command or module)")
         if "xenrun" in tools:
             print("\ngoals at the largest size (first run / re-run):")
             x = results["xenrun", biggest]

@@ -240,7 +240,8 @@ def test_commands_without_files_only_stop_before_anything_changes(site):
 
 # -- lifecycle --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("action,argv", [("shutdown", ["xl", "shutdown", "-w", "arch-pv"]),
+@pytest.mark.parametrize("action,argv", [("shutdown", ["sh", "-c", 'xl shutdown -w "$1" && while xl list "$1"'
+                                                      ' >/dev/null 2>&1; do sleep 1; done', "sh", "arch-pv"]),
                                          ("destroy", ["xl", "destroy", "arch-pv"])])
 def test_shutdown_and_destroy_are_guarded_plans(site, action, argv):
     r, plan = xenrun_json(site, f"domain.{action}", "arch-pv", "--host", "arch-grub", "--files-only", "--dry")

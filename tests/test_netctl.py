@@ -144,6 +144,7 @@ def test_static_plan_on_a_live_host_is_exact():
         RunCommand((SWITCH, "switch", "office", "xenbridge-static", "xenbr0", "enp3s0", "192.168.1.10/24",
                     "192.168.1.1", "20"),
                    unless=(SWITCH, "check", "xenbr0", "enp3s0", "192.168.1.10/24"), step="S11",
+                   timeout=140,  # the script's 20 s, and room: a hung netctl fails the run
                    why="move enp3s0 into xenbr0 (netctl start xenbridge-static), reverting to office"
                        " unless it works within 20 s"),
         RunCommand(("netctl", "reenable", "xenbridge-static"), creates=new_wants,

@@ -333,3 +333,59 @@ def test_run_frames_output_and_quotes_arguments(sshd, tmp_path):
     target.append_line(str(tmp_path / "journal"), "two\n")
     assert (tmp_path / "journal").read_text() == "one\ntwo\n"
     assert (tmp_path / "journal").stat().st_mode & 0o777 == 0o600
+
+
+def _session_processes(daemon_pid: int) -> list[int]:
+    """The sshd processes serving sessions: descendants of the listening daemon
+    whose name is sshd (not the shells and commands they run)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], list(children.get(daemon_pid, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip().startswith("sshd"):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_a_host_that_stops_answering_mid_command_is_given_up_quickly(sshd, monkeypatch):
+    """A host gone mid-command (here: its sshd frozen, so TCP stays open and
+    nothing answers) ends the command with a clear error once a keepalive that
+    wants a reply gets none, instead of waiting until TCP gives up."""
+    from xenrun import ssh
+    from xenrun.errors import TargetError
+    monkeypatch.setattr(ssh, "PROBE_AFTER", 1.0)
+    monkeypatch.setattr(ssh, "PROBE_WAIT", 3.0)
+    target = ssh_target(sshd)
+    assert target.run(["true"]).rc == 0
+    # a long silent command on a live host is not given up: keepalives are answered
+    started = time.monotonic()
+    assert target.run(["sleep", "6"]).rc == 0
+    assert time.monotonic() - started >= 6
+    frozen = _session_processes(sshd.process.pid)
+    assert frozen, "no sshd session process found"
+    timer = __import__("threading").Timer(1.0, lambda: [os.kill(p, signal.SIGSTOP) for p in frozen])
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TargetError, match="stopped answering"):
+            target.run(["sleep", "120"])
+        assert time.monotonic() - started < 30
+    finally:
+        timer.cancel()
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass

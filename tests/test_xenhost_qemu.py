@@ -64,25 +64,6 @@ def _explain(run: xenhost.GuestRun) -> str:
             f"\n--- dom0 log (tail) ---\n{run.dom0_log[-6000:]}")
 
 
-GENERATED = """
-[domain.{name}]
-host = "arch-grub"
-type = "pv"
-memory = "128M"
-vcpus = 1
-kernel = "{kernel}"
-ramdisk = "{ramdisk}"
-extra = "console=hvc0"
-
-[[domain.{name}.disks]]
-{disk}
-
-[[domain.{name}.vif]]
-bridge = "xenbr0"
-mac = "{mac}"
-"""
-
-
 def generated_config(site, name: str, disk: str) -> str:
     """The xl config `xenrun domain.create` writes for a PV guest on the example
     host arch-grub (S16, S17, S19), read back from the host's /etc/xen."""
@@ -90,8 +71,7 @@ def generated_config(site, name: str, disk: str) -> str:
     for path in (xenhost.GUEST_KERNEL, xenhost.GUEST_RAMDISK):  # lint checks they exist on the host
         (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         (root / path.lstrip("/")).write_bytes(b"stand-in: the emulated host has the real one\n")
-    (site / "domains.toml").write_text(GENERATED.format(name=name, kernel=xenhost.GUEST_KERNEL,
-                                                        ramdisk=xenhost.GUEST_RAMDISK, disk=disk, mac=MAC))
+    (site / "domains.toml").write_text(xenhost.guest_domain_toml(name, "arch-grub", disk, MAC))
     r = run_xenrun("domain.create", name, "--config", site / "plugins.toml", "--host", "arch-grub",
                    "--files-only", "--yes")
     assert r.returncode == 0, r.stderr

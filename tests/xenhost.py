@@ -89,6 +89,28 @@ GUEST_KERNEL = "/var/lib/xen/images/vmlinuz"
 GUEST_RAMDISK = "/var/lib/xen/images/guest-initrd.gz"
 GUEST_CONFIG = "/etc/xen/guest.cfg"
 
+
+def guest_domain_toml(name: str, host: str, disk: str, mac: str | None = None) -> str:
+    """A [domain.NAME] of domains.toml for a PV guest booting the reporting kernel
+    and initramfs above, with ``disk`` (TOML lines of its one disk) and a vif on
+    xenbr0 (the MAC derived from the name by xenrun when ``mac`` is None)."""
+    return f"""
+[domain.{name}]
+host = "{host}"
+type = "pv"
+memory = "128M"
+vcpus = 1
+kernel = "{GUEST_KERNEL}"
+ramdisk = "{GUEST_RAMDISK}"
+extra = "console=hvc0"
+
+[[domain.{name}.disks]]
+{disk}
+
+[[domain.{name}.vif]]
+bridge = "xenbr0"
+""" + (f'mac = "{mac}"\n' if mac else "")
+
 # bootscrub=0: zeroing all free RAM is pure TCG work a throwaway host never needs.
 XEN_OPTIONS = "console=com1 com1=115200,8n1 dom0_mem=512M,max:512M bootscrub=0 loglvl=info guest_loglvl=info"
 DOM0_OPTIONS = "console=hvc0"
@@ -333,22 +355,29 @@ for n in /sys/class/net/*; do
     echo "GUEST-NIC ${n##*/} $(cat "$n/address")"
 done
 echo GUEST-INIT-DONE
-poweroff -f
+{end}
 """
+# the guest powers off at once, or stays up until dom0 asks it to shut down: the
+# kernel then runs /sbin/poweroff (orderly_poweroff), which powers off for real
+GUEST_END = {"poweroff": "poweroff -f", "stay": "while :; do sleep 1; done"}
+GUEST_POWEROFF = b"#!/bin/busybox sh\necho GUEST-SHUTDOWN-REQUESTED >/dev/console\nexec /bin/busybox poweroff -f\n"
 
 
-def build_guest_initramfs(out: Path, pkgs: dict, wait_seconds: int = 20) -> Path:
-    """The PV guest's initramfs (busybox, xen-blkfront, xen-netfront)."""
+def build_guest_initramfs(out: Path, pkgs: dict, wait_seconds: int = 20, end: str = "poweroff") -> Path:
+    """The PV guest's initramfs (busybox, xen-blkfront, xen-netfront); ``end``:
+    "poweroff" after its report, or "stay" up until shut down from dom0."""
     tree = _Tree()
     _merged_usr(tree)
     _busybox(tree)
+    tree.file("usr/sbin/poweroff", GUEST_POWEROFF, 0o100755)
     paths = []
     for ko in module_load_order(pkgs["modules_dir"], GUEST_MODULES):
         inner = f"usr/lib/modules/{ko.name}"
         tree.file(inner, ko.read_bytes())
         paths.append("/" + inner)
     tree.file("etc/guest-modules", ("\n".join(paths) + "\n").encode())
-    tree.file("init", GUEST_INIT.replace("{wait}", str(wait_seconds * 2)).encode(), 0o100755)
+    init = GUEST_INIT.replace("{wait}", str(wait_seconds * 2)).replace("{end}", GUEST_END[end])
+    tree.file("init", init.encode(), 0o100755)
     return tree.write(out)
 
 

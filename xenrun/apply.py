@@ -56,17 +56,34 @@ class CrashPoints:
 
 @dataclass
 class Journal:
+    """A run's records. ``write`` makes a record durable at once (with any noted
+    before it); ``note`` keeps it until the next ``flush`` or ``write``, for
+    records nothing depends on until then: the applier flushes before it touches
+    a file or runs a command, so every "saved" record is on disk before its file
+    changes, and one fsync covers the "done" of a change and the "saved" of the
+    next. A crash loses only records that recovery does not need."""
+
     target: object
     run_id: str
     records: list[dict] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
 
     @property
     def folder(self) -> str:
         return f"{STATE_DIR}/runs/{self.run_id}"
 
-    def write(self, **record) -> None:
+    def note(self, **record) -> None:
         self.records.append(record)
-        self.target.append_line(f"{self.folder}/journal", json.dumps(record, sort_keys=True))
+        self.pending.append(json.dumps(record, sort_keys=True))
+
+    def flush(self) -> None:
+        if self.pending:
+            lines, self.pending = "\n".join(self.pending), []
+            self.target.append_line(f"{self.folder}/journal", lines)
+
+    def write(self, **record) -> None:
+        self.note(**record)
+        self.flush()
 
     @classmethod
     def read(cls, target, run_id: str) -> "Journal":
@@ -137,7 +154,7 @@ class Applier:
             return {"run": None, "results": results}
         self.journal = Journal(self.target, new_run_id())
         self.target.makedirs(f"{self.journal.folder}/orig")
-        self.journal.write(op="begin", kind=self.kind, host=self.host, pid=os.getpid(), time=time.time(),
+        self.journal.note(op="begin", kind=self.kind, host=self.host, pid=os.getpid(), time=time.time(),
                            **self.begin)
         self.point("begin")
         current = None
@@ -176,11 +193,11 @@ class Applier:
             data = self.target.read(path)
             self._copies += 1
             copy = f"{self.journal.folder}/orig/{self._copies}"
-            self.target.write_atomic(copy, data, 0o600)
+            self.target.write_new(copy, data, 0o600)  # referred to only by the record below
             state = {"kind": "file", "copy": copy, "mode": real.mode, "uid": real.uid, "gid": real.gid,
                      "sha256": _sha(data)}
             self.point("original copied")
-        self.journal.write(op="saved", path=path, state=state)
+        self.journal.note(op="saved", path=path, state=state)  # flushed before the file is touched
         self._saved.add(path)
         self.point("original recorded")
 
@@ -195,8 +212,9 @@ class Applier:
             for path in change.writes:
                 self._save(path, follow=False)  # a link the command replaces comes back as a link
             self.log.info("running", command=" ".join(change.argv), step=change.step)
-            result = self.target.run(change.argv)
-            self.journal.write(op="ran", argv=list(change.argv), rc=result.rc)
+            self.journal.flush()  # the originals of what it writes are on record
+            result = self.target.run(change.argv, timeout=change.timeout)
+            self.journal.note(op="ran", argv=list(change.argv), rc=result.rc)
             self.point("command ran")
             if result.rc != 0:
                 tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
@@ -206,14 +224,16 @@ class Applier:
         self._parents(path)
         if isinstance(change, SparseFile):
             before = self.target.stat(path)
-            self.journal.write(op="saved", path=path, state={"kind": "sparse", "size": before.size}
-                               if before else {"kind": "absent", "image": True})
+            self.journal.note(op="saved", path=path, state={"kind": "sparse", "size": before.size}
+                              if before else {"kind": "absent", "image": True})
             self.point("original recorded")
+            self.journal.flush()
             self.target.make_sparse(path, change.size, change.mode)
         else:
             self._save(path, follow=not isinstance(change, (Symlink, RemoveFile)))
+            self.journal.flush()  # the original is on record before the file changes
             self._write_state(path, outcome.after, getattr(change, "validate", ()))
-        self.journal.write(op="done", path=path, sha256=_sha(outcome.after.data))
+        self.journal.note(op="done", path=path, sha256=_sha(outcome.after.data))
         self.point("file done")
 
     def _write_state(self, path: str, after: State, validate: tuple[str, ...]) -> None:

@@ -128,13 +128,15 @@ class RunCommand(Change):
     exist, or when ``unless`` (an argv) exits non-zero. At least one of the three is
     required, so that a second run knows there is nothing to do. ``writes`` names
     files the command rewrites (grub.cfg for grub-mkconfig): they are backed up
-    first, so a failure or a rollback puts them back too."""
+    first, so a failure or a rollback puts them back too. ``timeout`` (seconds)
+    bounds a command that could hang (it then fails and the run rolls back)."""
 
     argv: tuple[str, ...]
     creates: str | None = None
     unless: tuple[str, ...] | None = None
     onchange: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    timeout: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "argv", tuple(self.argv))
@@ -146,6 +148,8 @@ class RunCommand(Change):
             raise ValueError("RunCommand: argv must be a non-empty list of strings")
         if self.creates is None and self.unless is None and not self.onchange:
             raise ValueError(f"RunCommand {self.argv[0]}: give creates, unless or onchange, so a second run can tell it is done")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"RunCommand {self.argv[0]}: timeout must be a positive number of seconds")
         for p in (self.creates, *self.onchange, *self.writes):
             if p is not None:
                 _path(p)

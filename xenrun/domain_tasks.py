@@ -33,6 +33,10 @@ log = structlog.get_logger()
 # exits 0 when the guest is NOT running: the guard of shutdown and destroy. Static
 # text; the guest's name reaches it as an argument, never inside the script.
 NOT_RUNNING = ("sh", "-c", '! xl list "$1" >/dev/null 2>&1', "sh")
+# `xl shutdown -w` returns once the guest has shut down, a moment before the xl
+# process watching it removes the domain; "off" means gone from `xl list`
+SHUTDOWN = ("sh", "-c", 'xl shutdown -w "$1" && while xl list "$1" >/dev/null 2>&1; do sleep 1; done', "sh")
+SHUTDOWN_WAIT = 300  # seconds a guest has to power off after `xl shutdown`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,9 +312,13 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
 
 def plan_xl(domain: Domain, action: str) -> list[Change]:
     """S23: shutdown (waits until the guest is off) or destroy, when it runs."""
-    argv = ("xl", "shutdown", "-w", domain.name) if action == "shutdown" else ("xl", "destroy", domain.name)
+    argv = SHUTDOWN + (domain.name,) if action == "shutdown" else ("xl", "destroy", domain.name)
+    # a guest that ignores the request would be waited on for ever: fail, and say what to do
     return [RunCommand(argv, unless=NOT_RUNNING + (domain.name,), step="S23", plugin="domain",
-                       why=f"{action} {domain.name}")]
+                       timeout=SHUTDOWN_WAIT if action == "shutdown" else 120,
+                       why=f"{action} {domain.name}" + (f" (gives up after {SHUTDOWN_WAIT} s: then"
+                                                        f" `xenrun domain.destroy {domain.name}`)"
+                                                        if action == "shutdown" else ""))]
 
 
 # -- running a plan (as run.setup does) ------------------------------------------------

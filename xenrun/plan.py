@@ -118,6 +118,10 @@ def unified(path: str, before: State, after: State) -> str:
 
 def assess(changes: list[Change], target) -> list[Outcome]:
     """Diff every change against the target, in order. Reads only."""
+    prefetch = getattr(target, "prefetch", None)  # an SSH target: every path in one round trip
+    if prefetch is not None:
+        read, look = _paths_of(changes)
+        prefetch(read, stat_only=look)
     view = Overlay(target)
     changed_paths: set[str] = set()
     outcomes = []
@@ -128,6 +132,23 @@ def assess(changes: list[Change], target) -> list[Outcome]:
             view.planned[outcome.path] = outcome.after
         outcomes.append(outcome)
     return outcomes
+
+
+def _paths_of(changes: list[Change]) -> tuple[list[str], list[str]]:
+    """The paths assessing (and applying) ``changes`` reads: (read, stat only)."""
+    read: list[str] = []
+    look: list[str] = []
+    for c in changes:
+        if isinstance(c, SparseFile):
+            look.append(c.path)  # a disk image is never read
+        elif isinstance(c, RunCommand):
+            look += [c.creates] if c.creates else []
+            read += list(c.writes)  # backed up before it runs
+        elif isinstance(c, CopyFile):
+            read += [c.src, c.dest]
+        elif getattr(c, "path", None):
+            read.append(c.path)
+    return list(dict.fromkeys(read)), [p for p in dict.fromkeys(look) if p not in read]
 
 
 def _file_outcome(change, path: str, before: State, after: State, same_reason: str) -> Outcome:

@@ -2,9 +2,10 @@
 
 One connection per target carries two long-lived channels:
 
-- an SFTP session (paramiko's SFTPClient) for every file operation: atomic writes
-  (temp file, fsync@openssh.com, posix-rename@openssh.com, fsync of the folder),
-  symlinks, removal, sparse files, journal appends;
+- an SFTP session (paramiko's SFTPClient), started when a run first writes, for
+  every file operation: atomic writes (temp file, fsync@openssh.com,
+  posix-rename@openssh.com, fsync of the folder), symlinks, removal, sparse files,
+  journal appends; requests go in pipelines (see "writing" below);
 - one persistent POSIX ``sh`` reading requests on its stdin, for commands and for
   bulk reads: a request is one quoted command line, its answer is framed with a
   random marker and base64, so anything root's rc files print is skipped.
@@ -13,8 +14,8 @@ Why one shell and not one exec channel per command: sshd starts every exec and
 every subsystem through the login shell, and on these machines root's ~/.bashrc
 runs ``pyenv init`` (0.15-0.35 s) each time, non-interactive or not (Debian's bash
 reads .bashrc when started by sshd). A persistent shell pays that once per
-connection, in parallel with the SFTP session's own start; a request then costs
-one round trip (about 1 ms on loopback).
+connection (and the SFTP server once more, only on a run that writes); a request
+then costs one round trip (about 1 ms on loopback).
 
 The host needs a POSIX sh and the usual tools (stat -c, base64, readlink, mktemp,
 flock from util-linux, env, chroot for a root prefix); no Python.
@@ -42,6 +43,7 @@ import secrets
 import shlex
 import socket
 import stat as statmod
+import threading
 import time
 from collections import Counter
 
@@ -52,52 +54,116 @@ STAT_FORMAT = "%f %u %g %s %b"  # raw mode (hex), uid, gid, size, 512-byte block
 CONNECT_TIMEOUT = 10
 WARM_UP_ROUNDS = 4
 MAGIC_LINKS = ("/proc/self", "/proc/thread-self")
+# a host silent this long while a command runs is asked for a sign of life, and
+# given this long to answer before it is taken for gone
+PROBE_AFTER, PROBE_WAIT = 20.0, 40.0
+SFTP_TIMEOUT = 120.0  # one SFTP request: an answer or the host is gone
 SMALL = 65536  # a file read after a stat miss comes along if at most this big
 
 # The persistent shell's functions. $N is the answer marker, $X a private temp
 # folder for command output. Records of x_fetch (one per line, i = index of the
-# path in the request): "L i FIELDS|-|?" lstat ("-" absent), "K i" link target,
-# "C i" content ("c"; "o": only when at most SMALL bytes), "D i" listing
-# (NUL-separated names);
-# K, C and D are followed by base64 lines and "." ("!" when reading failed).
+# path in the request): "L i FIELDS|-|?" lstat ("-" absent, "?" unknown),
+# "Z i j ..." the targets of the links i, j, ... (NUL-terminated, in that order),
+# "K i" one link's target (where readlink cannot take several: newline-ended),
+# "C i" content (of a regular file: "c" always, "o" when at most SMALL bytes),
+# "M i HEX" the first 4 bytes of a regular file ("m", for find_program),
+# "Y" the listings asked for ("/i" NUL, then the names of folder i, each NUL-ended);
+# Z, K, C and Y are followed by base64 lines and "." ("!" when reading failed).
+# A fetch starts a fixed handful of processes whatever the number of paths: one
+# stat for every lstat (x_stat; the shell's own tests find the absent ones), one
+# readlink for every link, one base64 for all the listings, then one base64 per
+# file content (a path with a newline in its name gets a stat of its own).
 PROLOGUE = r"""
 PATH=%(path)s:$PATH; export PATH
 LC_ALL=C; export LC_ALL
+NL='
+'
 X=$(mktemp -d "${TMPDIR:-/tmp}/xenrun.XXXXXXXX") || exit 1
 trap 'rm -rf "$X"' EXIT
 trap 'exit 129' HUP
 trap 'exit 143' TERM
 if command -v timeout >/dev/null 2>&1; then XT=1; else XT=; fi
 x_info() {
-  if v=$(stat -c '%(fmt)s' "$2" 2>/dev/null); then printf 'L %%s %%s\n' "$1" "$v"
+  if v=$(stat -c '%(fmt)s' -- "$2" 2>/dev/null); then printf 'L %%s %%s\n' "$1" "$v"
   else printf 'L %%s ?\n' "$1"; fi
 }
-x_fetch() {
+x_stat() {
+  n=$#
+  while [ $n -gt 1 ]; do
+    m=$1 p=$2; shift 2; n=$((n-2))
+    case $m in *l*)
+      case $p in *"$NL"*) ;; *) if [ -e "$p" ] || [ -L "$p" ]; then set -- "$@" "$p"; fi;; esac;;
+    esac
+  done
+  : > "$X/s"
+  if [ $# -gt 0 ]; then stat -c '%(fmt)s %%n' -- "$@" > "$X/s" 2>/dev/null; fi
+  return 0
+}
+x_links() {
+  n=$# i=0 k= xd=
+  while [ $n -gt 1 ]; do
+    m=$1 p=$2; shift 2; n=$((n-2))
+    case $m in *d*) xd=1;; esac
+    case $m in *l*) if [ -L "$p" ]; then set -- "$@" "$p"; k="$k $i"; fi;; esac
+    i=$((i+1))
+  done
+  [ $# -eq 0 ] && return 0
+  readlink -z -- "$@" > "$X/k" 2>/dev/null || return 1
+  printf 'Z%%s\n' "$k"; base64 < "$X/k"; printf '.\n'
+}
+x_links1() {
   i=0
   while [ $# -gt 1 ]; do
-    m=$1; p=$2; shift 2
+    m=$1 p=$2; shift 2
+    case $m in *l*) if [ -L "$p" ]; then printf 'K %%s\n' $i; readlink -- "$p" | base64; printf '.\n'; fi;; esac
+    i=$((i+1))
+  done
+}
+x_dirs() {
+  printf 'Y\n'
+  (i=0
+   while [ $# -gt 1 ]; do
+     case $1 in *d*)
+       if [ -d "$2" ] && cd "$2" 2>/dev/null; then
+         printf '/%%s\000' $i
+         for f in * .[!.]* ..?*; do if [ -e "$f" ] || [ -L "$f" ]; then printf '%%s\000' "$f"; fi; done
+       fi;;
+     esac
+     shift 2; i=$((i+1))
+   done) | base64
+  printf '.\n'
+}
+x_size() { z=; case $1 in 8???) z=$4;; esac; }
+x_fetch() {
+  x_stat "$@"
+  x_links "$@" || x_links1 "$@"
+  if [ -n "$xd" ]; then x_dirs "$@"; fi
+  exec 8< "$X/s"
+  i=0 s=
+  while [ $# -gt 1 ]; do
+    m=$1 p=$2; shift 2; f=
     case $m in *l*)
-      if [ -e "$p" ] || [ -L "$p" ]; then
-        x_info $i "$p"
-        if [ -L "$p" ]; then printf 'K %%s\n' $i; readlink "$p" | base64; printf '.\n'; fi
-      else printf 'L %%s -\n' $i; fi;;
+      if [ -z "$s" ]; then IFS= read -r s <&8 || s=; fi
+      if [ -n "$s" ] && [ "${s#* * * * * }" = "$p" ]; then f=${s%%" $p"}; s=; fi
+      if [ -n "$f" ]; then printf 'L %%s %%s\n' $i "$f"
+      elif ! [ -e "$p" ] && ! [ -L "$p" ]; then printf 'L %%s -\n' $i
+      else case $p in *"$NL"*) x_info $i "$p";; *) printf 'L %%s ?\n' $i;; esac
+      fi;;
     esac
     case $m in *c*|*o*)
-      if [ -f "$p" ] && { [ -z "${m##*c*}" ] || [ "$(stat -L -c %%s "$p" 2>/dev/null)" -le %(small)d ]; } 2>/dev/null; then
+      z=; if [ -n "$f" ]; then x_size $f; fi
+      if [ -n "$z" ] && { [ -z "${m##*c*}" ] || [ "$z" -le %(small)d ]; }; then
         printf 'C %%s\n' $i
         if base64 < "$p"; then printf '.\n'; else printf '!\n'; fi
       fi;;
     esac
-    case $m in *d*)
-      if [ -d "$p" ]; then
-        printf 'D %%s\n' $i
-        (cd "$p" 2>/dev/null && for f in * .[!.]* ..?*; do
-           if [ -e "$f" ] || [ -L "$f" ]; then printf '%%s\000' "$f"; fi; done) | base64
-        printf '.\n'
-      fi;;
+    case $m in *m*)
+      z=; if [ -n "$f" ]; then x_size $f; fi
+      if [ -n "$z" ]; then printf 'M %%s %%s\n' $i "$(od -An -tx1 -N4 -- "$p" 2>/dev/null)"; fi;;
     esac
     i=$((i+1))
   done
+  exec 8<&-
 }
 x_t() { t=$1; shift; if [ -n "$t" ] && [ -n "$XT" ]; then exec timeout "$t" "$@"; else exec "$@"; fi; }
 x_end() {
@@ -167,6 +233,7 @@ class SSHTarget:
         self._conn = self._sftp = self._chan = None
         self._nonce = ""
         self._buf = b""
+        self._heard, self._probe = 0.0, None  # last sign of life; keepalive in flight (sent, answered)
         self._locked = False
         self._appends: dict[str, object] = {}  # journal files kept open
         self._append_real: dict[str, str] = {}  # and where they lie
@@ -201,21 +268,30 @@ class SSHTarget:
         try:
             conn.open()
             transport = conn.client.get_transport()
-            transport.set_keepalive(15)  # a dead peer is noticed, not waited on forever
+            transport.set_keepalive(15)  # keeps NAT and firewalls open; dead peers: _heard_of_late
+            self._heard, self._probe = time.monotonic(), None
             self.stats["connect"] += 1
-            # The shell and the SFTP server each start through the login shell (and
-            # its rc files): start the shell first and let both start in parallel.
+            # The shell starts through the login shell (and its rc files); the SFTP
+            # server too, so it starts only when a write needs it (self.sftp): a
+            # run with nothing to change starts one program on the host, not two.
             self._nonce = "xenrun-" + secrets.token_hex(8)
             chan = transport.open_session(timeout=self.connect_timeout)
             chan.exec_command("exec /bin/sh")
+            # the root itself may be a link: its real path, asked right after the prologue
+            real_root = "" if not self.root else (
+                f"if d=$(cd -P {shlex.quote(self.root)} 2>/dev/null && pwd -P); then printf '%s' \"$d\" | base64;"
+                " fi; printf '%s END 0\\n' \"$N\"\n")
             chan.sendall(f"N={self._nonce}\n".encode() +
                          (PROLOGUE % {"path": ":".join(SEARCH_PATH), "fmt": STAT_FORMAT, "small": SMALL}).encode())
             self._chan = chan
-            self._sftp = conn.sftp()
-            self._count_sftp(self._sftp)
             self._read_answer(timeout=max(30, self.connect_timeout))
-            if self.root:
-                self.root = self._prefix = self._sftp.normalize(self.root)  # the root itself may be a link
+            if self.root:  # (after READY: an answer's end marker must not come before it)
+                chan.sendall(real_root.encode())
+                answer, _ = self._read_answer(timeout=max(30, self.connect_timeout))
+                real = base64.b64decode(answer.replace(b"\n", b"")).decode(errors="surrogateescape")
+                if not real.startswith("/"):
+                    raise OSError(f"{self.root}: no such folder on the host")
+                self.root = self._prefix = real
         except TargetError:
             conn.close()
             raise
@@ -227,14 +303,18 @@ class SSHTarget:
         self.user = conn.user
 
     def _count_sftp(self, sftp) -> None:
-        """Count every SFTP request (each is one round trip) in self.stats."""
-        for name in ("_request", "_async_request"):
-            original = getattr(sftp, name)
+        """Count in self.stats every SFTP request ("sftp") and every wait for
+        answers ("sftp_waits": a round trip, for one request or a pipeline)."""
+        send, wait = sftp._async_request, sftp._request
 
-            def counted(*args, _original=original):
-                self.stats["sftp"] += 1
-                return _original(*args)
-            setattr(sftp, name, counted)
+        def counted_send(*args):
+            self.stats["sftp"] += 1
+            return send(*args)
+
+        def counted_wait(*args):
+            self.stats["sftp_waits"] += 1
+            return wait(*args)
+        sftp._async_request, sftp._request = counted_send, counted_wait
 
     def close(self) -> None:
         """Close the session (releases the lock on the host)."""
@@ -245,18 +325,28 @@ class SSHTarget:
         self._locked = False
 
     def _close_appends(self) -> None:
-        for f in [*self._appends.values(), *self._dir_handles.values()]:
-            try:
-                f.close()
-            except (OSError, EOFError):
-                pass
+        handles = [state[0] for state in self._appends.values()] + list(self._dir_handles.values())
         self._appends.clear()
         self._append_real.clear()
         self._dir_handles.clear()
+        if handles and self._sftp is not None:
+            try:
+                self._pipeline([self._close_request(h) for h in handles])
+            except Exception:  # noqa: BLE001 - closing handles of a session that may be gone
+                pass
 
     @property
     def sftp(self):
+        """The SFTP session, started on first use."""
         self._connect()
+        if self._sftp is None:
+            import paramiko
+            try:
+                self._sftp = self._conn.sftp()
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                raise TargetError(f"{self}: cannot start SFTP: {_why(e)}") from None
+            self._sftp.get_channel().settimeout(SFTP_TIMEOUT)
+            self._count_sftp(self._sftp)
         return self._sftp
 
     # -- the persistent shell ----------------------------------------------------
@@ -297,9 +387,14 @@ class SSHTarget:
                     return (b"", 0) if marker is ready else (answer, int(line or b"0"))
             while chan.recv_stderr_ready():
                 chan.recv_stderr(65536)  # the shell's own stderr: drained, not kept
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 self.close()
                 raise TargetError(f"{self}: no answer within {timeout:.0f} s; the session was closed")
+            if not self._heard_of_late(now):
+                self.close()
+                raise TargetError(f"{self}: the host stopped answering (no reply to an SSH keepalive within"
+                                  f" {PROBE_WAIT:.0f} s); the session was closed")
             chan.settimeout(0.5)
             try:
                 data = chan.recv(1 << 16)
@@ -309,6 +404,34 @@ class SSHTarget:
                 self.close()
                 raise TargetError(f"{self}: the remote shell ended (connection lost?)")
             self._buf += data
+            self._heard = time.monotonic()
+
+    def _heard_of_late(self, now: float) -> bool:
+        """False when the host has gone: after PROBE_AFTER s of silence (a long
+        command prints nothing) a keepalive that wants a reply is sent; if no reply
+        comes within PROBE_WAIT s the peer is dead. paramiko's own keepalive wants no
+        reply, so a dead peer would be waited on until TCP gives up (many minutes)."""
+        probe = self._probe
+        if probe is not None:
+            sent, answered = probe
+            if answered.is_set():
+                self._probe, self._heard = None, now
+            elif now - sent > PROBE_WAIT:
+                return False
+        elif now - self._heard > PROBE_AFTER and self._conn is not None:
+            answered = threading.Event()
+            transport = self._conn.client.get_transport()
+
+            def ask():
+                try:  # OpenSSH answers an unknown global request with a failure: any answer will do
+                    transport.global_request("keepalive@openssh.com", wait=True)
+                except Exception:  # noqa: BLE001 - a dead transport: the reply never comes
+                    return
+                if transport.is_active():  # global_request also returns when the transport dies
+                    answered.set()
+            threading.Thread(target=ask, daemon=True, name=f"keepalive {self.hostname}").start()
+            self._probe = (now, answered)
+        return True
 
     # -- cache -------------------------------------------------------------------
     @property
@@ -340,6 +463,12 @@ class SSHTarget:
     def _get_lst(self, key: str) -> FileInfo | None:
         if key in self._lst:
             return self._lst[key]
+        folder, _, name = key.rpartition("/")
+        folder = folder or "/"
+        known = self._lst.get(folder)
+        if known is not None and known.kind == "dir" and folder in self._dirs and name not in self._dirs[folder] \
+                and name not in ("", ".", ".."):
+            return None  # not in its folder's listing, which is current (a write there forgets it)
         if self._offline:
             raise _Miss(key)
         try:
@@ -483,16 +612,21 @@ class SSHTarget:
         return self._speculative(path, "d", None, fn)
 
     # -- bulk reads ----------------------------------------------------------------
-    def prefetch(self, paths: list[str], dirs: list[str] = ()) -> None:
-        """Fetch the lstat, stat and content of ``paths`` and the listings of
-        ``dirs`` in as few remote scripts as the links among them allow (one when
-        there are none); read, lstat, stat, exists and listdir then answer from
-        the cache until the next write."""
+    def prefetch(self, paths: list[str], dirs: list[str] = (), stat_only: list[str] = ()) -> None:
+        """Fetch the lstat, stat and content of ``paths``, the lstat and stat of
+        ``stat_only`` (disk images: never read) and the listings of ``dirs`` in
+        as few remote scripts as the links among them allow (one when there are
+        none); read, lstat, stat, exists and listdir then answer from the cache
+        until the next write."""
         def touch():
             for p in paths:
                 self.lstat(p)
-                if (self.stat(p) or FileInfo("absent", 0, 0, 0, 0, 0)).kind == "file":
+                info = self.stat(p)
+                if info is None or info.kind == "file":  # None: absent, or unknown yet (then asked for)
                     self.read(p)
+            for p in stat_only:  # with the content when small, as a stat outside a prefetch
+                self.lstat(p)
+                self._speculative(p, "o", None, lambda p=p: self._node(p, True)[1])
             for d in dirs:
                 self.listdir(d)
         self._warmed = True  # an explicit prefetch stands in for the warm-up
@@ -506,8 +640,9 @@ class SSHTarget:
 
         def hints():
             from xenrun import plugins as registry
-            from xenrun.apply import Journal, run_ids
+            from xenrun.apply import STATE_DIR, Journal, run_ids
             from xenrun.facts import Probe
+            self.lstat(f"{STATE_DIR}/lock")  # taken before an apply
             for run_id in run_ids(self):
                 Journal.read(self, run_id)
             for name in self.plugins:
@@ -541,14 +676,25 @@ class SSHTarget:
         i = 0
         links: dict[str, str] = {}
         lst: dict[str, str] = {}
+        text = lambda b: b.decode(errors="surrogateescape")  # noqa: E731
         while i < len(lines):
-            words = lines[i].decode(errors="surrogateescape").split(" ", 2)
+            head = text(lines[i])
+            words = head.split(" ", 2)
             i += 1
-            if len(words) < 2 or not words[1].isdigit() or int(words[1]) >= len(keys):
+            tag = words[0]
+            if tag in ("L", "M"):
+                if len(words) > 1 and words[1].isdigit() and int(words[1]) < len(keys):
+                    value = words[2] if len(words) > 2 else ("?" if tag == "L" else "")
+                    if tag == "L":
+                        lst[keys[int(words[1])]] = value
+                    else:
+                        try:
+                            self._magic[keys[int(words[1])]] = bytes.fromhex(value.replace(" ", ""))
+                        except ValueError:
+                            pass
                 continue
-            tag, key = words[0], keys[int(words[1])]
-            if tag == "L":
-                lst[key] = words[2] if len(words) > 2 else "?"
+            if tag not in ("Y", "Z") and not (tag in ("K", "C") and len(words) == 2 and words[1].isdigit()
+                                              and int(words[1]) < len(keys)):
                 continue
             body = []
             while i < len(lines) and lines[i] not in (b".", b"!"):
@@ -559,12 +705,26 @@ class SSHTarget:
             if not ok:
                 continue
             data = base64.b64decode(b"".join(body))
-            if tag == "K":
-                links[key] = data[:-1].decode(errors="surrogateescape") if data.endswith(b"\n") else data.decode(errors="surrogateescape")
-            elif tag == "C":
-                self._data[key] = data
-            elif tag == "D":
-                self._dirs[key] = sorted(n.decode(errors="surrogateescape") for n in data.split(b"\0") if n)
+            if tag == "Z":  # several links' targets, NUL-terminated, in the order of their indices
+                where = [int(w) for w in head[1:].split()]
+                targets = data.split(b"\0")
+                if len(targets) == len(where) + 1 and not targets[-1] and all(n < len(keys) for n in where):
+                    links.update((keys[n], text(t)) for n, t in zip(where, targets))
+            elif tag == "Y":  # listings: "/i" starts folder i's names
+                listings: dict[str, list[str]] = {}
+                names: list | None = None
+                for entry in data.split(b"\0"):
+                    if entry.startswith(b"/"):
+                        n = int(entry[1:]) if entry[1:].isdigit() else len(keys)
+                        names = listings.setdefault(keys[n], []) if n < len(keys) else None
+                    elif entry and names is not None:
+                        names.append(text(entry))
+                self._dirs.update((k, sorted(v)) for k, v in listings.items())
+            elif tag == "K":
+                key = keys[int(words[1])]
+                links[key] = text(data[:-1]) if data.endswith(b"\n") else text(data)
+            else:
+                self._data[keys[int(words[1])]] = data
         for key, value in lst.items():
             if value == "-":
                 self._lst[key] = None
@@ -574,59 +734,169 @@ class SSHTarget:
                     self._lst[key] = info
 
     # -- writing -----------------------------------------------------------------
-    def _fsync(self, f) -> None:
-        """fsync a remote file. paramiko has no fsync call, so this sends the
-        fsync@openssh.com extension (OpenSSH >= 6.5) through its request
-        primitive; a server without it gets one remote `sync` instead."""
+    # Writes go to the SFTP server in pipelines: requests sent back to back, then
+    # every answer read (one round trip for all). OpenSSH's sftp-server handles
+    # requests one at a time in the order they arrive (fsync@openssh.com returns
+    # once the data is on disk), so a pipeline does on the host exactly what the
+    # same requests sent one by one would do; only the waiting is shared. A step
+    # that may only happen if an earlier one succeeded (the rename after the data,
+    # the target after its journal record) waits for that answer first.
+    def _pipeline(self, requests: list[tuple], check: bool = True) -> list:
+        """Send ``requests`` ((type, *args) each) back to back and read every answer,
+        in order. Returns the answers; raises the first error, once all are in.
+        An fsync the server does not know (no fsync@openssh.com) becomes one
+        remote ``sync`` after the pipeline, and every later fsync a sync too.
+        ``check=False``: errors are returned in place of their answers."""
         from paramiko.sftp import CMD_EXTENDED
-        if self._fsync_ext:
+        sftp = self.sftp
+        sent = []
+        for request in requests:
+            if request[0] == "fsync":
+                if not self._fsync_ext:
+                    sent.append("sync")
+                    continue
+                request = (CMD_EXTENDED, "fsync@openssh.com", request[1])
+            sent.append(sftp._async_request(type(None), *request))
+        self.stats["sftp_waits"] += 1
+        answers, error, sync = [], None, False
+        for num in sent:
+            if num == "sync":
+                answers.append(None)
+                sync = True
+                continue
             try:
-                self._sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
-                return
-            except OSError:
-                self._fsync_ext = False
-        self._request("sync; printf '%s END 0\\n' \"$N\"")
-
-    def _fsync_dir(self, folder: str) -> None:
-        """Make a rename in ``folder`` durable: a folder opened read-only is a file
-        handle to sftp-server, so the same extension fsyncs it. The handle stays
-        open for the next write there (one round trip instead of three)."""
-        f = self._dir_handles.get(folder)
-        try:
-            if f is None:
-                f = self._dir_handles[folder] = self.sftp.open(folder, "r")
-            self._fsync(f)
-        except OSError:
-            self._dir_handles.pop(folder, None)
+                answers.append(sftp._read_response(num))
+            except (socket.timeout, ConnectionError):
+                raise  # the session, not this request: no use waiting for the others
+            except (OSError, EOFError) as e:  # this request's status
+                answers.append(e)
+                if requests[len(answers) - 1][0] == "fsync" and "nsupported" in str(e):
+                    self._fsync_ext, sync = False, True  # an old server: fsync by a remote sync
+                elif error is None:
+                    error = e
+        if sync:
             self._request("sync; printf '%s END 0\\n' \"$N\"")
+        if error is not None and check:
+            raise error
+        return answers
 
-    def _new_file(self, path: str, mode: int):
-        """A new file at ``path`` (O_EXCL: never through a link), with ``mode`` set
-        before any data is written. A leftover of a killed run is removed first."""
+    @staticmethod
+    def _path(key: str) -> bytes:
+        return key.encode(errors="surrogateescape")
+
+    @staticmethod
+    def _open_request(key: str, flags: str, mode: int | None = None) -> tuple:
+        """An SFTP open: "x" new (O_EXCL: never through a link), "a" append,
+        "r" read; ``mode``: permissions to create it with (the umask may take bits)."""
+        from paramiko.sftp import (CMD_OPEN, SFTP_FLAG_APPEND, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL,
+                                   SFTP_FLAG_READ, SFTP_FLAG_WRITE)
+        from paramiko.sftp_attr import SFTPAttributes
+        bits = {"x": SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL,
+                "a": SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_APPEND,
+                "r": SFTP_FLAG_READ, "rw": SFTP_FLAG_READ | SFTP_FLAG_WRITE}[flags]
+        attrs = SFTPAttributes()
+        if mode is not None:
+            attrs.st_mode = mode
+        return (CMD_OPEN, SSHTarget._path(key), bits, attrs)
+
+    @staticmethod
+    def _handle(answer) -> bytes:
+        from paramiko.sftp import CMD_HANDLE
+        t, msg = answer
+        if t != CMD_HANDLE:
+            raise TargetError("the SFTP server answered an open without a handle")
+        return msg.get_binary()
+
+    @staticmethod
+    def _attrs(mode: int | None = None, uid: int | None = None, gid: int | None = None, size: int | None = None):
+        from paramiko.sftp_attr import SFTPAttributes
+        attrs = SFTPAttributes()
+        if mode is not None:
+            attrs.st_mode = mode
+        if uid is not None:
+            attrs.st_uid, attrs.st_gid = uid, gid
+        if size is not None:
+            attrs.st_size = size
+        return attrs
+
+    def _writes(self, handle: bytes, data: bytes, offset: int = 0) -> list[tuple]:
+        from paramiko.sftp import CMD_WRITE, int64
+        step = 32768  # paramiko's (and the protocol's usual) largest write
+        return [(CMD_WRITE, handle, int64(offset + at), data[at:at + step]) for at in range(0, len(data), step)]
+
+    def _close_request(self, handle: bytes) -> tuple:
+        from paramiko.sftp import CMD_CLOSE
+        return (CMD_CLOSE, handle)
+
+    def _dir_handle_requests(self, folder: str) -> list[tuple]:
+        """The open of ``folder`` (for the fsync that makes a rename in it durable)
+        when no handle is kept for it yet: to go in the pipeline before the rename."""
+        return [] if folder in self._dir_handles else [self._open_request(folder, "r")]
+
+    def _keep_dir_handle(self, folder: str, answers: list) -> None:
+        if folder not in self._dir_handles and answers:
+            self._dir_handles[folder] = self._handle(answers[-1])
+
+    def _fsync_dir(self, folder: str) -> list[tuple]:
+        """The request that makes a rename in ``folder`` durable: a folder opened
+        read-only is a file handle to sftp-server, so fsync@openssh.com works on
+        it (the handle stays open for the next write there)."""
+        return [("fsync", self._dir_handles[folder])]
+
+    def _open_new(self, key: str, folder: str | None = None, mode: int | None = None) -> tuple[bytes, list]:
+        """A new file at ``key`` (O_EXCL: never through a link); a leftover of a
+        killed run is removed first. ``folder``: also open it (kept for fsync)."""
+        from paramiko.sftp import CMD_REMOVE
+        extra = self._dir_handle_requests(folder) if folder else []
         try:
-            f = self.sftp.open(path, "wx")
+            answers = self._pipeline([self._open_request(key, "x", mode)] + extra)
         except OSError:
             try:
-                self._sftp.remove(path)
+                self._pipeline([(CMD_REMOVE, self._path(key))])
             except FileNotFoundError:
                 pass
-            f = self._sftp.open(path, "wx")
-        f.chmod(mode)
-        return f
+            answers = self._pipeline([self._open_request(key, "x", mode)] + extra)
+        if folder:
+            self._keep_dir_handle(folder, answers[1:])
+        return self._handle(answers[0]), answers
+
+    def _close_quietly(self, handle: bytes) -> None:
+        try:
+            self._pipeline([self._close_request(handle)])
+        except (OSError, EOFError):
+            pass
 
     def makedirs(self, path: str) -> list[str]:
         """Create ``path`` and missing parents; returns the folders it created,
-        outermost first (so an undo can remove them)."""
-        created = []
+        outermost first (so an undo can remove them). One round trip to look
+        (every part at once), one to create the missing folders."""
+        from paramiko.sftp import CMD_LSTAT, CMD_MKDIR
+        from paramiko.sftp_attr import SFTPAttributes
+        self.exists(path)  # fetches every part of the path in one go
         parts = [p for p in path.split("/") if p]
+        missing = []
         for i in range(1, len(parts) + 1):
             sub = "/" + "/".join(parts[:i])
-            if created or not self.exists(sub):
-                key = self._resolve(sub, True)
+            if missing or not self.exists(sub):
+                missing.append(sub)
+        if not missing:
+            return []
+        keys = [self._resolve(sub, True) for sub in missing]  # from the cache: every part was fetched
+        requests = []
+        for key in keys:
+            self._forget(key)
+            requests += [(CMD_MKDIR, self._path(key), self._attrs(0o755)), (CMD_LSTAT, self._path(key))]
+        try:
+            answers = self._pipeline(requests)
+        finally:
+            for key in keys:
                 self._forget(key)
-                self.sftp.mkdir(key, 0o755)
-                created.append(sub)
-        return created
+        for n, (key, (_, msg)) in enumerate(zip(keys, answers[1::2])):
+            # a folder just made holds only the next one: its listing answers
+            # "absent" for anything else in it (until a write there forgets it)
+            self._lst[key] = _sftp_info(SFTPAttributes._from_msg(msg))
+            self._dirs[key] = [keys[n + 1].rpartition("/")[2]] if n + 1 < len(keys) else []
+        return missing
 
     def _temp_beside(self, real: str) -> tuple[str, str]:
         """(folder, temp name) for an atomic replace of ``real``; both forgotten
@@ -640,56 +910,89 @@ class SSHTarget:
 
     def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
                      gid: int | None = None, before_rename=None) -> None:
-        """Replace ``path`` with ``data``: temp file in the same folder, fsync,
-        ``before_rename(remote path of the temp file)`` (validation; raise to
-        abort), rename, fsync of the folder. The temp file never outlives a failure."""
+        """Replace ``path`` with ``data``: temp file in the same folder (mode set
+        before any data is written), fsync, ``before_rename(remote path of the temp
+        file)`` (validation; raise to abort), rename, fsync of the folder. The temp
+        file never outlives a failure. Three round trips: open; mode, owner, data,
+        fsync and close; rename and the folder's fsync."""
+        from paramiko.sftp import CMD_EXTENDED, CMD_FSETSTAT, CMD_REMOVE
         real = self._resolve(path, True)
         folder, tmp = self._temp_beside(real)
+        handle, _ = self._open_new(tmp, folder)
+        closed = False
         try:
-            with self._new_file(tmp, mode) as f:
-                if uid is not None and gid is not None and self.user == "root":
-                    f.chown(uid, gid)
-                f.set_pipelined(True)
-                f.write(data)
-                f.flush()
-                self._fsync(f)
+            requests = [(CMD_FSETSTAT, handle, self._attrs(mode))]
+            if uid is not None and gid is not None and self.user == "root":
+                requests.append((CMD_FSETSTAT, handle, self._attrs(uid=uid, gid=gid)))
+            closed = True  # the close is in the pipeline whatever else fails
+            self._pipeline(requests + self._writes(handle, data) + [("fsync", handle), self._close_request(handle)])
             if before_rename:
                 before_rename(tmp)
-            self._sftp.posix_rename(tmp, real)
+            self._pipeline([(CMD_EXTENDED, "posix-rename@openssh.com", self._path(tmp), self._path(real))]
+                           + self._fsync_dir(folder))
         except BaseException:
+            if not closed:
+                self._close_quietly(handle)
             try:
-                self._sftp.remove(tmp)
-            except (OSError, AttributeError):
+                self._pipeline([(CMD_REMOVE, self._path(tmp))])
+            except (OSError, EOFError, AttributeError):
                 pass
             raise
-        self._fsync_dir(folder)
+
+    def write_new(self, path: str, data: bytes, mode: int) -> None:
+        """Write a file that must not exist yet, durably (data and the folder's
+        entry), without a temp file: for files nothing refers to until this
+        returns (the journal's copies of originals). Two round trips."""
+        from paramiko.sftp import CMD_FSETSTAT
+        real = self._resolve(path, True)
+        folder = real.rpartition("/")[0] or "/"
+        self._forget(real)
+        handle, _ = self._open_new(real, folder, mode)
+        self._pipeline([(CMD_FSETSTAT, handle, self._attrs(mode))] + self._writes(handle, data)
+                       + [("fsync", handle), self._close_request(handle)] + self._fsync_dir(folder))
 
     def symlink(self, path: str, target: str) -> None:
+        from paramiko.sftp import CMD_EXTENDED, CMD_REMOVE, CMD_SYMLINK
         real = self._resolve(path, False)
         folder, tmp = self._temp_beside(real)
         try:
-            self.sftp.remove(tmp)
+            self._pipeline([(CMD_REMOVE, self._path(tmp))])
         except FileNotFoundError:
             pass
-        self._sftp.symlink(target, tmp)  # paramiko sends (target, link), the order OpenSSH expects
-        self._sftp.posix_rename(tmp, real)
-        self._fsync_dir(folder)
+        # OpenSSH takes (target, link): the reverse of the draft, as paramiko sends it
+        answers = self._pipeline([(CMD_SYMLINK, target.encode(errors="surrogateescape"), self._path(tmp))]
+                                 + self._dir_handle_requests(folder))
+        self._keep_dir_handle(folder, answers[1:])
+        self._pipeline([(CMD_EXTENDED, "posix-rename@openssh.com", self._path(tmp), self._path(real))]
+                       + self._fsync_dir(folder))
 
     def remove(self, path: str) -> None:
+        from paramiko.sftp import CMD_REMOVE
         real = self._resolve(path, False)
         self._forget(real)
-        try:
-            self.sftp.remove(real)
-        except FileNotFoundError:
+        folder = real.rpartition("/")[0] or "/"
+        if folder in self._dir_handles:  # one round trip
+            try:
+                self._pipeline([(CMD_REMOVE, self._path(real))] + self._fsync_dir(folder))
+            except FileNotFoundError:
+                pass
             return
-        self._fsync_dir(real.rpartition("/")[0] or "/")
+        answers = self._pipeline([(CMD_REMOVE, self._path(real))] + self._dir_handle_requests(folder), check=False)
+        if not isinstance(answers[1], Exception):
+            self._keep_dir_handle(folder, answers[1:])
+        if isinstance(answers[0], FileNotFoundError):
+            return
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        self._pipeline(self._fsync_dir(folder))
 
     def rmdir(self, path: str) -> bool:
         real = self._resolve(path, False)
         self._forget(real)
         handle = self._dir_handles.pop(real, None)
         if handle is not None:
-            handle.close()
+            self._close_quietly(handle)
         try:
             self.sftp.rmdir(real)
             return True
@@ -698,17 +1001,30 @@ class SSHTarget:
 
     def make_sparse(self, path: str, size: int, mode: int) -> None:
         """Create (or grow) a sparse file: only the size is set, no data written."""
+        from paramiko.sftp import CMD_FSETSTAT, CMD_FSTAT
+        from paramiko.sftp_attr import SFTPAttributes
         real = self._resolve(path, True)
+        folder = real.rpartition("/")[0] or "/"
         self._forget(real)
+        first = []
+        answers = self._pipeline([self._open_request(real, "rw")] + self._dir_handle_requests(folder), check=False)
+        if len(answers) > 1 and not isinstance(answers[1], Exception):
+            self._keep_dir_handle(folder, answers[1:])
+        if isinstance(answers[0], FileNotFoundError):
+            handle, _ = self._open_new(real, folder, mode)
+            first = [(CMD_FSETSTAT, handle, self._attrs(mode))]
+        elif isinstance(answers[0], Exception):
+            raise answers[0]
+        else:
+            handle = self._handle(answers[0])
         try:
-            f = self.sftp.open(real, "r+")
-        except FileNotFoundError:
-            f = self._new_file(real, mode)
-        with f:
-            if f.stat().st_size < size:
-                f.truncate(size)
-            self._fsync(f)
-        self._fsync_dir(real.rpartition("/")[0] or "/")
+            _, msg = self._pipeline(first + [(CMD_FSTAT, handle)])[-1]
+            grow = [(CMD_FSETSTAT, handle, self._attrs(size=size))] \
+                if SFTPAttributes._from_msg(msg).st_size < size else []
+        except BaseException:
+            self._close_quietly(handle)
+            raise
+        self._pipeline(grow + [("fsync", handle), self._close_request(handle)] + self._fsync_dir(folder))
 
     def truncate(self, path: str, size: int) -> None:
         """Set a file's size (undoing a grown disk image)."""
@@ -720,22 +1036,32 @@ class SSHTarget:
             pass
 
     def append_line(self, path: str, line: str) -> None:
-        """Append one line and fsync it: the journal's durability rests on this.
-        The file stays open for the next line (two round trips per line)."""
+        """Append one line (or several, newline-separated) and fsync them: the
+        journal's durability rests on this. The file stays open for the next
+        line: one round trip per call (two for the first, which creates it
+        private: mode 0600 before the first line)."""
+        from paramiko.sftp import CMD_FSETSTAT
         real = self._append_real.get(path) or self._resolve(path, True)
         self._forget(real)
-        f = self._appends.get(real)
-        if f is None:
+        state = self._appends.get(real)
+        first = []
+        if state is None:
             self._append_real[path] = real
             try:
-                f = self.sftp.open(real, "ax")  # new: private before the first line
-                f.chmod(0o600)
+                handle = self._handle(self._pipeline([self._open_request(real, "x", 0o600)])[0])
+                first = [(CMD_FSETSTAT, handle, self._attrs(0o600))]
             except OSError:  # exists (SFTP v3 says only "Failure"); a real error shows below
-                f = self.sftp.open(real, "a")
-            self._appends[real] = f
-        f.write((line.rstrip("\n") + "\n").encode())
-        f.flush()
-        self._fsync(f)
+                handle = self._handle(self._pipeline([self._open_request(real, "a")])[0])
+            state = self._appends[real] = [handle, 0 if first else None]
+        handle, offset = state
+        if offset is None:  # appending: where the file ends now (writes go at an offset in SFTP v3)
+            from paramiko.sftp import CMD_FSTAT
+            from paramiko.sftp_attr import SFTPAttributes
+            _, msg = self._pipeline([(CMD_FSTAT, handle)])[0]
+            offset = SFTPAttributes._from_msg(msg).st_size
+        data = (line.rstrip("\n") + "\n").encode()
+        self._pipeline(first + self._writes(handle, data, offset) + [("fsync", handle)])
+        state[1] = offset + len(data)
 
     # -- commands ----------------------------------------------------------------
     def cannot_run(self, argv: tuple[str, ...]) -> str | None:
@@ -752,20 +1078,42 @@ class SSHTarget:
 
     def find_program(self, program: str) -> str | None:
         """The program's path inside the target, if it is there and can run (an
-        ELF binary or a script with #!), as LocalTarget.find_program."""
+        ELF binary or a script with #!), as LocalTarget.find_program. Every
+        candidate and the first bytes of the runnable ones come in one fetch (a
+        round more per level of links)."""
         candidates = [program] if program.startswith("/") else [f"{d}/{program}" for d in SEARCH_PATH]
-        for c in candidates:
+
+        def runnable(c: str) -> bool:
             info = self.stat(c)
-            if info is not None and info.kind == "file" and info.mode & 0o111:
+            return info is not None and info.kind == "file" and bool(info.mode & 0o111)
+        if not self._offline:
+            if not self._warmed:
+                self._warm_up()
+            self._rounds(lambda: [self._magic_of(c) for c in candidates])
+        for c in candidates:
+            if runnable(c):
                 if self._offline:
                     return c  # speculating: no round trip for the magic bytes
-                key = self._resolve(c, True)
-                if key not in self._magic:
-                    self._magic[key] = self._data[key][:4] if key in self._data else self._head(key, 4)
-                magic = self._magic[key]
+                magic = self._magic_of(c)
                 if magic == b"\x7fELF" or magic[:2] == b"#!":
                     return c
         return None
+
+    def _magic_of(self, path: str) -> bytes:
+        """The first four bytes of the file ``path`` leads to."""
+        def fn():
+            key, info = self._node(path, True)
+            if info is None or info.kind != "file":
+                return b""
+            if key not in self._magic:
+                if key in self._data:
+                    self._magic[key] = self._data[key][:4]
+                elif self._offline:
+                    raise _Miss(key)
+                else:
+                    self._magic[key] = self._head(key, 4)
+            return self._magic[key]
+        return self._speculative(path, "m", b"", fn)
 
     def _head(self, key: str, size: int) -> bytes:
         try:

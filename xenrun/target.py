@@ -178,6 +178,19 @@ class LocalTarget:
             raise
         _fsync_dir(real.parent)
 
+    def write_new(self, path: str, data: bytes, mode: int) -> None:
+        """Write a file that must not exist yet, durably (data and the folder's
+        entry), without a temp file: for files nothing refers to until this
+        returns (the journal's copies of originals)."""
+        real = self.real(path)
+        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(real.parent)
+
     def symlink(self, path: str, target: str) -> None:
         real = self.real(path, follow=False)
         tmp = real.parent / f".{real.name}{TMP_SUFFIX}"
@@ -223,7 +236,8 @@ class LocalTarget:
             os.truncate(real, size)
 
     def append_line(self, path: str, line: str) -> None:
-        """Append one line and fsync it: the journal's durability rests on this."""
+        """Append one line (or several, newline-separated) and fsync: the
+        journal's durability rests on this."""
         real = self.real(path)
         fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

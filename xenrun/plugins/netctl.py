@@ -426,6 +426,8 @@ def _switch(s, facts, profile: str, uplink: str, fighting) -> list:
         RunCommand((SWITCH_PATH, "switch", old, profile, s["bridge"], uplink, expected,
                     s["gateway"] or "-", str(s["timeout"])),
                    unless=(SWITCH_PATH, "check", s["bridge"], uplink, expected), step=STEP,
+                   # the script gives up and reverts after `timeout` s; this bounds a hung netctl
+                   timeout=s["timeout"] + 120,
                    why=f"move {uplink} into {s['bridge']} (netctl start {profile}), reverting"
                        f" to {old if old != '-' else 'the old addresses'} unless it works within {s['timeout']} s"),
     ]

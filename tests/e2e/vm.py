@@ -1,0 +1,206 @@
+"""The e2e machine under QEMU: TCG, user networking restricted to the machine itself,
+SSH forwarded to 127.0.0.1 only, the serial console in a log file.
+
+``VM(image, workdir)`` boots on a qcow2 overlay over the cached raw image (the
+base stays clean) plus an empty second disk (for LVM guests). ``wait_ssh`` polls
+until root can log in; ``reboot`` asks the machine to reboot and waits for a new
+boot id; ``stop`` powers off and always kills QEMU. Use it as a context manager.
+
+The guest reaches nothing outside: ``-netdev user,restrict=on`` gives it DHCP
+(10.0.2.15, gateway 10.0.2.2) and the forwarded port, nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+QEMU = "qemu-system-x86_64"
+SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+               "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5",
+               "-o", "ServerAliveCountMax=3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VMError(RuntimeError):
+    """The machine did not do what was asked in time (the console's tail says why)."""
+
+
+class VM:
+    def __init__(self, base: Path, key: Path, workdir: Path, memory_mb: int = 2048, cpus: int = 2,
+                 extra_disk_gb: int = 4, progress: Callable[[str], None] = print):
+        self.base, self.key, self.workdir = Path(base), Path(key), Path(workdir)
+        self.memory_mb, self.cpus, self.extra_disk_gb = memory_mb, cpus, extra_disk_gb
+        self.progress = progress
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self.console = self.workdir / "console.log"
+        self.boots = 0
+
+    @property
+    def address(self) -> str:
+        return f"root@127.0.0.1:{self.port}"
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        overlay = self.workdir / "disk.qcow2"
+        overlay.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "raw", str(overlay)],
+                       check=True, capture_output=True)
+        argv = [QEMU, "-machine", "pc", "-accel", "tcg", "-cpu", "qemu64", "-smp", str(self.cpus),
+                "-m", str(self.memory_mb), "-display", "none", "-monitor", "none", "-vga", "none",
+                "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
+                "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port or free_port()}-:22",
+                "-device", "virtio-net-pci,netdev=n0",
+                # entropy from the machine: without it the guest's CRNG takes minutes to
+                # start under TCG, and sshd waits for it
+                "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0",
+                "-serial", f"file:{self.console}"]
+        self.port = int(re.search(r"127\.0\.0\.1:(\d+)-", " ".join(argv)).group(1))
+        if self.extra_disk_gb:
+            extra = self.workdir / "lvm.qcow2"
+            extra.unlink(missing_ok=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), f"{self.extra_disk_gb}G"],
+                           check=True, capture_output=True)
+            argv += ["-drive", f"file={extra},format=qcow2,if=virtio,cache=unsafe"]
+        (self.workdir / "qemu.argv").write_text(shlex.join(argv) + "\n")
+        self.console.write_bytes(b"")
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.workdir / "qemu.out", "wb"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.progress(f"vm: QEMU pid {self.process.pid}, SSH on 127.0.0.1:{self.port}, console {self.console}")
+
+    def kill(self) -> None:
+        p = self.process
+        subprocess.run(["ssh", "-o", f"ControlPath={self.workdir}/ssh-%C", "-p", str(self.port), "-O", "exit",
+                        "root@127.0.0.1"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+
+    def stop(self, timeout: float = 90) -> None:
+        """Power off through SSH, then make sure QEMU is gone."""
+        p = self.process
+        if p is None or p.poll() is not None:
+            return
+        try:
+            self.ssh("systemctl poweroff", timeout=15, check=False)
+            p.wait(timeout=timeout)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        finally:
+            self.kill()
+
+    def __enter__(self) -> "VM":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- SSH --------------------------------------------------------------------------
+    def ssh_argv(self, command: str) -> list[str]:
+        # one master connection carries every command: a key exchange costs
+        # seconds on an emulated CPU; a reboot ends it and the next command
+        # makes a new one
+        mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.workdir}/ssh-%C", "-o", "ControlPersist=60"]
+        return ["ssh", *SSH_OPTIONS, *mux, "-i", str(self.key), "-p", str(self.port), "root@127.0.0.1", command]
+
+    def ssh(self, command: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.ssh_argv(command), capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise VMError(f"ssh {command!r}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+        return proc
+
+    def put(self, local: Path, remote: str, mode: str = "644", timeout: float = 300) -> None:
+        """Copy a file of this machine to ``remote`` on the VM (through ssh's stdin)."""
+        command = f"mkdir -p {shlex.quote(remote.rpartition('/')[0] or '/')} && cat > {shlex.quote(remote)}.part" \
+                  f" && chmod {mode} {shlex.quote(remote)}.part && mv {shlex.quote(remote)}.part {shlex.quote(remote)}"
+        with open(local, "rb") as f:
+            proc = subprocess.run(self.ssh_argv(command), stdin=f, capture_output=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise VMError(f"copying {local} to {remote}: exit {proc.returncode}: {proc.stderr.decode()[-2000:]}")
+
+    def out(self, command: str, timeout: float = 120) -> str:
+        return self.ssh(command, timeout=timeout).stdout.strip()
+
+    def _alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise VMError(f"QEMU exited ({None if self.process is None else self.process.returncode}):"
+                          f" {self.console_tail()}")
+
+    def wait_ssh(self, timeout: float = 900, not_boot_id: str | None = None) -> tuple[str, float]:
+        """Wait until root logs in (and, after a reboot, the boot id changed).
+        Returns (boot id, seconds waited)."""
+        started = time.monotonic()
+        deadline = started + timeout
+        next_note = started + 60
+        while True:
+            self._alive()
+            if self._banner():
+                try:
+                    proc = self.ssh("cat /proc/sys/kernel/random/boot_id", timeout=30, check=False)
+                except subprocess.TimeoutExpired:
+                    proc = None
+                if proc is not None and proc.returncode == 0:
+                    boot_id = proc.stdout.strip()
+                    if boot_id and boot_id != not_boot_id:
+                        self.boots += 1
+                        return boot_id, time.monotonic() - started
+            now = time.monotonic()
+            if now > deadline:
+                raise VMError(f"no SSH login within {timeout:.0f} s; console:\n{self.console_tail()}")
+            if now > next_note:
+                self.progress(f"vm: still waiting for SSH ({now - started:.0f} s); console: {self.last_line()}")
+                next_note = now + 60
+            time.sleep(2)
+
+    def _banner(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=3) as s:
+                s.settimeout(5)
+                return s.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def reboot(self, timeout: float = 900) -> float:
+        """Reboot through SSH and wait for the new boot's SSH; returns the seconds."""
+        old = self.out("cat /proc/sys/kernel/random/boot_id")
+        started = time.monotonic()
+        try:
+            self.ssh("systemctl reboot", timeout=30, check=False)
+        except subprocess.TimeoutExpired:
+            pass
+        _, _ = self.wait_ssh(timeout=timeout, not_boot_id=old)
+        return time.monotonic() - started
+
+    # -- the console ------------------------------------------------------------------
+    def console_text(self) -> str:
+        try:
+            return self.console.read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def console_tail(self, lines: int = 40) -> str:
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.console_text())
+        return "\n".join(text.splitlines()[-lines:])
+
+    def last_line(self) -> str:
+        tail = [line for line in self.console_tail(5).splitlines() if line.strip()]
+        return tail[-1][:160] if tail else "(nothing yet)"
