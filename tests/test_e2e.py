@@ -27,13 +27,15 @@ pytestmark = [pytest.mark.e2e,
                                                     " as .ci/run sets it")]
 
 
-def test_article_end_to_end():
+def test_article_end_to_end(capsys):
     missing = image.missing()
     assert missing is None, missing
     workdir = image.cache_root() / "runs" / time.strftime("%Y%m%d-%H%M%S")
 
-    def progress(line: str) -> None:  # live, past pytest's capture: a person watches a long test
-        print(f"e2e {line}", file=sys.__stderr__, flush=True)
+    def progress(line: str) -> None:
+        print(f"e2e {line}", file=sys.stderr, flush=True)
 
-    timings = Scenario(workdir, progress).run()
+    with capsys.disabled():  # live: a person watches a long test (pytest captures fd 2 otherwise)
+        print(file=sys.stderr)
+        timings = Scenario(workdir, progress).run()
     assert {kind for kind, _, _ in timings.rows} == {"image", "boot", "step"}

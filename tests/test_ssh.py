@@ -389,3 +389,32 @@ def test_a_host_that_stops_answering_mid_command_is_given_up_quickly(sshd, monke
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def test_contents_read_together_are_cut_by_their_sizes():
+    """One `cat | base64` brings every small file of a fetch; the sizes from the
+    same fetch's stat cut it. When they do not add up (a file changed or was
+    unreadable in between), nothing is kept and each file is read again alone."""
+    from xenrun.ssh import _cut
+    lst = {"/a": "81a4 0 0 3 8", "/b": "81a4 0 0 0 0", "/c": "81a4 0 0 2 8"}
+    assert _cut(b"onexy", ["/a", "/b", "/c"], lst) == {"/a": b"one", "/b": b"", "/c": b"xy"}
+    assert _cut(b"onex", ["/a", "/b", "/c"], lst) == {}
+    assert _cut(b"one", ["/a", "/missing"], lst) == {}
+
+
+def test_a_file_that_changes_size_between_stat_and_read_is_read_whole(sshd, tmp_path, monkeypatch):
+    from xenrun import ssh
+    target = ssh_target(sshd)
+    (tmp_path / "f").write_text("first\n")
+    (tmp_path / "g").write_text("other\n")
+    real_cut = ssh._cut
+    grown = []
+
+    def cut_after_growth(data, keys, lst):  # as if f grew between the stat and the cat
+        grown.append(keys)
+        return real_cut(data + b"more", keys, lst)
+    monkeypatch.setattr(ssh, "_cut", cut_after_growth)
+    target.prefetch([str(tmp_path / "f"), str(tmp_path / "g")])
+    assert grown
+    assert target.read(str(tmp_path / "f")) == b"first\n"
+    assert target.read(str(tmp_path / "g")) == b"other\n"
