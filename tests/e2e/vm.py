@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,6 +49,9 @@ class VM:
         self.port = 0
         self.process: subprocess.Popen | None = None
         self.console = self.workdir / "console.log"
+        # ssh's control socket: a Unix socket path has at most 107 bytes (ssh adds a
+        # temporary suffix of 17), too few under a deep work folder
+        self.control_path = f"{tempfile.mkdtemp(prefix='xenrun-e2e-')}/%C"
         self.boots = 0
 
     @property
@@ -84,8 +89,9 @@ class VM:
 
     def kill(self) -> None:
         p = self.process
-        subprocess.run(["ssh", "-o", f"ControlPath={self.workdir}/ssh-%C", "-p", str(self.port), "-O", "exit",
+        subprocess.run(["ssh", "-o", f"ControlPath={self.control_path}", "-p", str(self.port), "-O", "exit",
                         "root@127.0.0.1"], capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+        shutil.rmtree(os.path.dirname(self.control_path), ignore_errors=True)
         if p is not None and p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -118,7 +124,7 @@ class VM:
         # one master connection carries every command: a key exchange costs
         # seconds on an emulated CPU; a reboot ends it and the next command
         # makes a new one
-        mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.workdir}/ssh-%C", "-o", "ControlPersist=60"]
+        mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_path}", "-o", "ControlPersist=60"]
         return ["ssh", *SSH_OPTIONS, *mux, "-i", str(self.key), "-p", str(self.port), "root@127.0.0.1", command]
 
     def ssh(self, command: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -151,13 +157,15 @@ class VM:
         started = time.monotonic()
         deadline = started + timeout
         next_note = started + 60
+        why = "no SSH banner yet"
         while True:
             self._alive()
             if self._banner():
                 try:
                     proc = self.ssh("cat /proc/sys/kernel/random/boot_id", timeout=30, check=False)
+                    why = f"ssh: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"
                 except subprocess.TimeoutExpired:
-                    proc = None
+                    proc, why = None, "ssh: no answer within 30 s"
                 if proc is not None and proc.returncode == 0:
                     boot_id = proc.stdout.strip()
                     if boot_id and boot_id != not_boot_id:
@@ -165,9 +173,9 @@ class VM:
                         return boot_id, time.monotonic() - started
             now = time.monotonic()
             if now > deadline:
-                raise VMError(f"no SSH login within {timeout:.0f} s; console:\n{self.console_tail()}")
+                raise VMError(f"no SSH login within {timeout:.0f} s ({why}); console:\n{self.console_tail()}")
             if now > next_note:
-                self.progress(f"vm: still waiting for SSH ({now - started:.0f} s); console: {self.last_line()}")
+                self.progress(f"vm: still waiting for SSH ({now - started:.0f} s; {why}); console: {self.last_line()}")
                 next_note = now + 60
             time.sleep(2)
 
