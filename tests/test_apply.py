@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import HOSTS, file_map, lab_host, run_xenrun, tree_hash
+from conftest import HOSTS, add_busybox, file_map, lab_host, run_xenrun, tree_hash
 
 
 @pytest.fixture(autouse=True)
@@ -209,3 +209,32 @@ def test_rollback_refuses_to_overwrite_a_later_edit(site):
     r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
     assert r.returncode == 1 and "/etc/fstab was changed after run" in r.stderr
     assert tree_hash(root) == before
+
+
+def test_a_command_left_for_the_host_stays_listed_until_it_runs(site):
+    """--files-only leaves a command (guarded only by the file it follows) for the
+    host; later runs list it again although that file no longer changes, and once
+    it can run it runs, once."""
+    root = lab_host(site, 'command = ["touch", "/etc/ran"]', applets=("true",))  # no touch: cannot run yet
+    config = site / "plugins.toml"
+
+    def setup(*extra):
+        r = run_xenrun("setup", "--config", config, "--host", "lab", "--yes", "--format", "json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    first = setup("--files-only")
+    assert first["report"]["status"] == "applied" and first["summary"]["pending"] == 1
+    owed = json.loads((root / "var/lib/xenrun/pending").read_text())
+    assert owed == {"commands": [["touch", "/etc/ran"]]}
+    again = setup("--files-only")
+    assert again["report"]["status"] == "nothing to do"
+    assert (again["summary"]["changed"], again["summary"]["pending"]) == (0, 1)
+    (item,) = [i for i in again["plan"] if i.get("argv") == ["touch", "/etc/ran"]]
+    assert "earlier --files-only run" in item["reason"]
+    add_busybox(root, "touch")  # the host has it now
+    ran = setup()
+    assert [i["result"] for i in ran["plan"] if i.get("argv")] == ["changed"] and (root / "etc/ran").exists()
+    assert not (root / "var/lib/xenrun/pending").exists()
+    last = setup()
+    assert last["report"]["status"] == "nothing to do" and last["summary"]["pending"] == 0

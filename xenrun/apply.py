@@ -30,7 +30,7 @@ import structlog
 
 from xenrun.changes import RemoveFile, RunCommand, SparseFile, Symlink, WriteFile
 from xenrun.errors import ApplyError
-from xenrun.plan import CHANGE, Outcome, State
+from xenrun.plan import CHANGE, PENDING, Outcome, State
 
 STATE_DIR = "/var/lib/xenrun"
 END_RECORDS = ("commit", "undone", "failed")
@@ -104,6 +104,47 @@ class Journal:
     @property
     def kind(self) -> str:
         return self.records[0].get("kind", "apply") if self.records else "apply"
+
+
+PENDING_FILE = f"{STATE_DIR}/pending"  # commands --files-only runs left for the host
+
+
+def owed_commands(target) -> frozenset:
+    """The argv tuples an earlier --files-only run left for the host and no run has
+    carried out since (a command guarded only by ``onchange`` would otherwise be
+    forgotten: the files it follows are unchanged on the next run)."""
+    data = target.read(PENDING_FILE)
+    if not data:
+        return frozenset()
+    try:
+        return frozenset(tuple(argv) for argv in json.loads(data)["commands"]
+                         if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv))
+    except (ValueError, KeyError, TypeError):
+        structlog.get_logger().warning("unreadable; no command is taken as left for the host", file=PENDING_FILE)
+        return frozenset()
+
+
+def still_owed(outcomes: list[Outcome], owed: frozenset, results: list[str] | None = None) -> frozenset:
+    """What is owed after a run: commands left pending now, and those owed before
+    that did not run (``results``: the apply's status per outcome)."""
+    now = set()
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome.change, RunCommand):
+            ran = results is not None and results[index] == "changed"
+            if outcome.action == PENDING or (outcome.change.argv in owed and not ran):
+                now.add(outcome.change.argv)
+    return frozenset(now)
+
+
+def remember_owed(target, owed: frozenset, now: frozenset) -> None:
+    """Write the commands owed (under the lock), or remove the file when none are."""
+    if now == owed:
+        return
+    if now:
+        text = json.dumps({"commands": sorted(list(argv) for argv in now)}, indent=1) + "\n"
+        target.write_atomic(PENDING_FILE, text.encode(), 0o600)
+    else:
+        target.remove(PENDING_FILE)
 
 
 def run_ids(target) -> list[str]:

@@ -18,11 +18,23 @@ status, the others go on.
 Asking before applying (a terminal, no --yes): every host is planned first, all
 the plans are shown and the question asked once; then each host is planned again
 under its lock and applied only if that plan is the one that was shown.
+
+Processes: the client's Python runs on one core (the GIL), and with many hosts it
+is what the fleet waits for. So with at least HOSTS_PER_PROCESS hosts per CPU the
+hosts are shared among forked worker processes (one per CPU, each with its own
+threads), forked after every host is prepared and before any thread or
+connection exists. A worker sends each finished host back through a pipe (pickled
+HostRun); the parent prints the progress and the table. XENRUN_FLEET_PROCESSES=N
+sets the number (1: threads only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -38,6 +50,7 @@ from xenrun.settings import name as check_name
 log = structlog.get_logger()
 
 DEFAULT_PARALLEL = 10
+HOSTS_PER_PROCESS = 8  # fewer hosts than this per CPU: threads in one process do
 OK = ("applied", "nothing to do", "planned", "not applied")
 
 
@@ -158,27 +171,121 @@ def _one(p: run.Prepared, options: run.Options, confirm) -> HostRun:
 
 def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, parallel: int,
              progress) -> list[HostRun]:
-    """Each host on a pool thread, at most ``parallel`` at once; ``progress(done,
-    total, host_run)`` as each finishes. Returns runs in the order of ``prepared``."""
+    """Each host on a pool thread (of this process or of a worker process), at most
+    ``parallel`` at once; ``progress(done, total, host_run)`` as each finishes.
+    Returns runs in the order of ``prepared``."""
     if any(hasattr(p.target, "stats") for p in prepared):
         import fabric  # noqa: F401 - imported once here rather than by many threads at once
     runs: dict[str, HostRun] = {}
+    lock = threading.Lock()
+
+    def finished(r: HostRun) -> None:
+        with lock:
+            runs[r.host] = r
+            if progress:
+                progress(len(runs), len(prepared), r)
+
+    workers = _processes(len(prepared), parallel)
+    log.info("fleet", hosts=len(prepared), parallel=parallel, processes=workers)
+    shares = [prepared[i::workers] for i in range(workers)]
+    children = [_fork_worker(share, options, confirm_for, parallel // workers) for share in shares[1:]]
+    readers = [threading.Thread(target=_receive, args=(fd, finished), daemon=True) for _, fd, _ in children]
+    for reader in readers:
+        reader.start()
+    try:
+        _run_threads(shares[0], options, confirm_for, parallel // workers, finished)
+    finally:
+        for (pid, _, share), reader in zip(children, readers):
+            _, status = os.waitpid(pid, 0)
+            reader.join()
+            for p in share:  # a worker that died (killed, a bug) leaves its hosts unreported
+                if p.host.name not in runs:
+                    finished(HostRun(p.host.name, "error", target=str(p.target),
+                                     error=f"its worker process ended first ({_ended(status)})"))
+    return [runs[p.host.name] for p in prepared]
+
+
+def _run_threads(prepared: list[run.Prepared], options: run.Options, confirm_for, parallel: int,
+                 finished) -> None:
+    """Each host on a pool thread of this process, ``finished(host_run)`` as each ends."""
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(prepared))),
                             thread_name_prefix="xenrun-host") as pool:
         futures = [pool.submit(_one, p, options, confirm_for(p.host.name)) for p in prepared]
         try:
-            for done, future in enumerate(as_completed(futures), 1):
-                r = future.result()
-                runs[r.host] = r
-                if progress:
-                    progress(done, len(prepared), r)
+            for future in as_completed(futures):
+                finished(future.result())
         except BaseException:
             # Ctrl-C: hosts not started yet are not started; running ones finish
             # (or roll back) on their own rather than being cut off mid-apply
             for future in futures:
                 future.cancel()
             raise
-    return [runs[p.host.name] for p in prepared]
+
+
+def _processes(hosts: int, parallel: int) -> int:
+    """How many processes share the hosts (see the module's docstring)."""
+    forced = os.environ.get("XENRUN_FLEET_PROCESSES", "")
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise UsageError(f"XENRUN_FLEET_PROCESSES: {forced!r} is not a number of processes (1 or more)")
+        wanted = int(forced)
+    else:
+        wanted = (os.cpu_count() or 1) if hosts >= 2 * HOSTS_PER_PROCESS else 1
+        wanted = min(wanted, hosts // HOSTS_PER_PROCESS) or 1
+    # fork copies only the calling thread: a process with others (a test runner,
+    # a library's thread) could fork holding their locks, so it uses threads only
+    if not hasattr(os, "fork") or threading.active_count() > 1:
+        return 1
+    return max(1, min(wanted, parallel, hosts))
+
+
+def _fork_worker(share: list[run.Prepared], options: run.Options, confirm_for, parallel: int):
+    """A worker process running ``share``; returns (pid, read end of its pipe, share)."""
+    sys.stdout.flush()
+    sys.stderr.flush()  # nothing buffered here is written twice
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write)
+        return pid, read, share
+    os.close(read)
+    code = 1
+    try:
+        with os.fdopen(write, "wb") as out:
+            def send(r: HostRun) -> None:
+                out.write(_portable(r))
+                out.flush()
+            _run_threads(share, options, confirm_for, parallel, send)
+        code = 0
+    except BaseException:  # noqa: BLE001 - the parent reports the hosts left unsent
+        pass
+    finally:
+        os._exit(code)  # no atexit handlers, no flushing of buffers the parent owns
+
+
+def _portable(r: HostRun) -> bytes:
+    """The pickled HostRun (without its plan if a plugin's Change cannot be pickled)."""
+    try:
+        return pickle.dumps(r)
+    except Exception as e:  # noqa: BLE001 - a third-party Change holding something odd
+        kept = dataclasses.replace(r, result=None, error=r.error or f"its plan could not be passed back: {e}")
+        return pickle.dumps(kept)
+
+
+def _receive(fd: int, finished) -> None:
+    with os.fdopen(fd, "rb") as f:
+        while True:
+            try:
+                r = pickle.load(f)
+            except (EOFError, pickle.UnpicklingError):
+                return
+            finished(r)
+
+
+def _ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
 
 
 def _signature(result: run.Result) -> list:

@@ -116,8 +116,9 @@ def unified(path: str, before: State, after: State) -> str:
     return text if text.endswith("\n") or not text else text + "\n\\ No newline at end of file\n"
 
 
-def assess(changes: list[Change], target) -> list[Outcome]:
-    """Diff every change against the target, in order. Reads only."""
+def assess(changes: list[Change], target, owed: frozenset = frozenset()) -> list[Outcome]:
+    """Diff every change against the target, in order. Reads only. ``owed``: argv
+    tuples of commands an earlier --files-only run left for the host (still needed)."""
     prefetch = getattr(target, "prefetch", None)  # an SSH target: every path in one round trip
     if prefetch is not None:
         read, look = _paths_of(changes)
@@ -126,7 +127,7 @@ def assess(changes: list[Change], target) -> list[Outcome]:
     changed_paths: set[str] = set()
     outcomes = []
     for change in changes:
-        outcome = _assess_one(change, view, target, changed_paths)
+        outcome = _assess_one(change, view, target, changed_paths, owed)
         if outcome.action == CHANGE and outcome.path:
             changed_paths.add(outcome.path)
             view.planned[outcome.path] = outcome.after
@@ -160,7 +161,7 @@ def _file_outcome(change, path: str, before: State, after: State, same_reason: s
     return Outcome(change, CHANGE, f"{verb} {path}", before, after, unified(path, before, after))
 
 
-def _assess_one(change: Change, view: Overlay, target, changed: set[str]) -> Outcome:
+def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: frozenset = frozenset()) -> Outcome:
     if isinstance(change, WriteFile):
         before = view.state(change.path)
         after = State("file", change.content, before.mode if before.kind == "file" else change.mode)
@@ -188,7 +189,7 @@ def _assess_one(change: Change, view: Overlay, target, changed: set[str]) -> Out
     if isinstance(change, SparseFile):
         return _assess_sparse(change, view)
     if isinstance(change, RunCommand):
-        return _assess_command(change, view, target, changed)
+        return _assess_command(change, view, target, changed, owed)
     raise PlanError(f"unknown change type {type(change).__name__} from plugin {change.plugin!r}")
 
 
@@ -211,9 +212,12 @@ def _assess_sparse(change: SparseFile, view: Overlay) -> Outcome:
                    unified(change.path, before, after))
 
 
-def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str]) -> Outcome:
+def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str],
+                    owed: frozenset = frozenset()) -> Outcome:
     word = " ".join(change.argv)
     reasons = []
+    if change.argv in owed:  # its onchange files changed in that run, not in this one
+        reasons.append("left for the host by an earlier --files-only run")
     if change.onchange and changed.intersection(change.onchange):
         reasons.append(f"{', '.join(sorted(changed.intersection(change.onchange)))} changed")
     if change.creates is not None and not view.exists(change.creates):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import structlog
 
 from xenrun import plugins as registry
-from xenrun.apply import STATE_DIR, Applier, Journal, remove_created_folders, rollback_changes, run_ids
+from xenrun.apply import (STATE_DIR, Applier, Journal, owed_commands, remember_owed, remove_created_folders,
+                          rollback_changes, run_ids, still_owed)
 from xenrun.changes import Change
 from xenrun.config import Host, HostSpec, Site, load_site
 from xenrun.errors import TargetError, UsageError
@@ -220,7 +221,8 @@ def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Res
     with structlog.contextvars.bound_contextvars(host=p.host.name):
         changes, notes = make()
         notes = list(notes_first) + list(notes)
-        outcomes = assess(changes, p.target)
+        owed = owed_commands(p.target)
+        outcomes = assess(changes, p.target, owed)
         stop = blocked(outcomes, p.target)
         interrupted = interrupted_runs(p.target)
         if options.dry:
@@ -228,7 +230,8 @@ def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Res
             return Result(p.host.name, str(p.target), outcomes, "planned", notes=notes + ([stop] if stop else []))
         if stop:
             raise TargetError(stop)
-        if not interrupted and not any(o.action == CHANGE for o in outcomes):
+        if not interrupted and not any(o.action == CHANGE for o in outcomes) and \
+                still_owed(outcomes, owed) == owed:
             return Result(p.host.name, str(p.target), outcomes, "nothing to do", notes=notes)
         applier = Applier(p.target, p.host.name, log)
         applier.lock()
@@ -237,18 +240,21 @@ def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Res
             if recovered:
                 changes, notes = make()
                 notes = list(notes_first) + list(notes)
-            outcomes = assess(changes, p.target)  # again, under the lock
+            owed = owed_commands(p.target)
+            outcomes = assess(changes, p.target, owed)  # again, under the lock
             if stop := blocked(outcomes, p.target):
                 raise TargetError(stop)
             result = Result(p.host.name, str(p.target), outcomes, "planned",
                             notes=[f"undid interrupted run {r}" for r in recovered] + notes)
             if not any(o.action == CHANGE for o in outcomes):
+                remember_owed(p.target, owed, still_owed(outcomes, owed))
                 result.status = "nothing to do"
                 return result
             if not options.yes and not confirm(result):
                 result.status = "not applied"
                 return result
             done = applier.apply(outcomes)
+            remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]))
             result.status, result.run, result.results = "applied", done["run"], done["results"]
             return result
         finally:

@@ -660,9 +660,10 @@ class SSHTarget:
 
         def hints():
             from xenrun import plugins as registry
-            from xenrun.apply import STATE_DIR, Journal, run_ids
+            from xenrun.apply import PENDING_FILE, STATE_DIR, Journal, run_ids
             from xenrun.facts import Probe
             self.lstat(f"{STATE_DIR}/lock")  # taken before an apply
+            self.read(PENDING_FILE)  # commands owed by an earlier --files-only run
             for run_id in run_ids(self):
                 Journal.read(self, run_id)
             for name in self.plugins:
