@@ -281,6 +281,7 @@ def main() -> None:
     tools = args.tools.split(",")
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
+    os.environ["XENRUN_KNOWN_HOSTS"] = str(WORK / "known_hosts")  # this run's servers, not root's file
     if {"pyinfra", "ansible", "fabric"} & set(tools):
         ensure_venv()
     plain, norc = start_servers()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ def exec_cost(server, command: str, n: int = 5) -> float:
 def main() -> None:
     host = sys.argv[1] if len(sys.argv) > 1 else "arch-grub"
     work = Path(tempfile.mkdtemp(prefix="xenrun-bench-ssh-"))
+    os.environ["XENRUN_KNOWN_HOSTS"] = str(work / "known_hosts")  # this run's server, not root's file
     server = start_sshd(work / "sshd")
     try:
         from xenrun import run, ssh

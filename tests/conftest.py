@@ -56,6 +56,13 @@ def file_map(root: Path, skip_state: bool = True) -> dict[str, bytes | str]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _known_hosts(tmp_path_factory, monkeypatch):
+    """Each test's SSH host keys go to a known_hosts file of its own (its servers
+    are new, on ports other tests used with other keys), never root's."""
+    monkeypatch.setenv("XENRUN_KNOWN_HOSTS", str(tmp_path_factory.mktemp("ssh") / "known_hosts"))
+
+
 @pytest.fixture
 def site(tmp_path) -> Path:
     """A scratch copy of examples/ (plugins.toml and the machine roots)."""

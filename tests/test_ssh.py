@@ -418,3 +418,30 @@ def test_a_file_that_changes_size_between_stat_and_read_is_read_whole(sshd, tmp_
     assert grown
     assert target.read(str(tmp_path / "f")) == b"first\n"
     assert target.read(str(tmp_path / "g")) == b"other\n"
+
+
+def test_a_new_host_key_is_saved_and_a_changed_one_refused(site, sshd, monkeypatch, tmp_path):
+    """As OpenSSH's accept-new: the first connection trusts the host's key and saves
+    it; later ones must see that key. A host showing another key is refused
+    (exit 2, nothing touched) with the ssh-keygen -R line to run if it was
+    reinstalled."""
+    known = tmp_path / "known_hosts"
+    monkeypatch.setenv("XENRUN_KNOWN_HOSTS", str(known))
+    root = over_ssh(site, "arch-grub", sshd)
+    r = xenrun_ssh(root, sshd, "facts", "--config", site / "plugins.toml", "--host", "arch-grub")
+    assert r.returncode == 0, r.stderr
+    name = f"[127.0.0.1]:{sshd.port}"
+    (line,) = known.read_text().splitlines()
+    assert line.startswith(f"{name} ssh-") and "new host" in r.stderr
+    r = xenrun_ssh(root, sshd, "facts", "--config", site / "plugins.toml", "--host", "arch-grub")
+    assert r.returncode == 0 and "new host" not in r.stderr and len(known.read_text().splitlines()) == 1
+
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    key_type, key = other.with_suffix(".pub").read_text().split()[:2]
+    known.write_text(f"{name} {key_type} {key}\n")  # as if the host had been reinstalled
+    before = tree_hash(root)
+    r = xenrun_ssh(root, sshd, "setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 2, r.stderr
+    assert "host key is not the one" in r.stderr and f"ssh-keygen -R '{name}'" in r.stderr
+    assert tree_hash(root) == before

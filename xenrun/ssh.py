@@ -38,6 +38,8 @@ remote lstat/readlink answers (LocalTarget.real's algorithm), commands run with
 from __future__ import annotations
 
 import base64
+import fcntl
+import os
 import posixpath
 import secrets
 import shlex
@@ -47,8 +49,12 @@ import threading
 import time
 from collections import Counter
 
+import structlog
+
 from xenrun.errors import LockHeld, TargetError
 from xenrun.target import SEARCH_PATH, TMP_SUFFIX, FileInfo, Result, resolve_in_root
+
+log = structlog.get_logger()
 
 STAT_FORMAT = "%f %u %g %s %b"  # raw mode (hex), uid, gid, size, 512-byte blocks
 CONNECT_TIMEOUT = 10
@@ -270,7 +276,14 @@ class SSHTarget:
                   "transport_factory": _aead_first_transport(), **self.connect_kwargs}
         conn = fabric.Connection(self.hostname, user=self.user, port=self.port,
                                  connect_timeout=max(1, int(self.connect_timeout)), connect_kwargs=kwargs)
+        known = known_hosts_file()
         try:
+            # Fabric accepts any host key; xenrun checks them as OpenSSH's
+            # StrictHostKeyChecking=accept-new does: a known host must show its
+            # known key, a new one is trusted and saved
+            if os.path.exists(known):
+                conn.client.load_host_keys(known)
+            conn.client.set_missing_host_key_policy(_accept_new(known))
             conn.open()
             transport = conn.client.get_transport()
             transport.set_keepalive(15)  # keeps NAT and firewalls open; dead peers: _heard_of_late
@@ -300,6 +313,13 @@ class SSHTarget:
         except TargetError:
             conn.close()
             raise
+        except paramiko.BadHostKeyException as e:
+            conn.close()
+            name = f"[{self.hostname}]:{self.port}" if self.port not in (None, 22) else self.hostname  # as in the file
+            raise TargetError(f"{self}: its host key is not the one {known} has for {name} (got"
+                              f" {e.key.get_name()} {_fingerprint(e.key)}, expected {_fingerprint(e.expected_key)});"
+                              " not connecting. If the host was reinstalled, remove the old key:"
+                              f" ssh-keygen -R '{name}' -f {known}") from None
         except (OSError, EOFError, paramiko.SSHException) as e:
             conn.close()
             self._chan = self._sftp = None
@@ -1233,6 +1253,37 @@ def _cut(data: bytes, keys: list[str], lst: dict[str, str]) -> dict[str, bytes]:
     return out
 
 
+def known_hosts_file() -> str:
+    """Where host keys are checked and new ones saved: $XENRUN_KNOWN_HOSTS, else
+    the user's ~/.ssh/known_hosts (the file OpenSSH uses)."""
+    return os.environ.get("XENRUN_KNOWN_HOSTS") or os.path.expanduser("~/.ssh/known_hosts")
+
+
+def _fingerprint(key) -> str:
+    return getattr(key, "fingerprint", None) or key.get_base64()[:24] + "..."
+
+
+def _accept_new(path: str):
+    """paramiko's policy for a host not in ``path``: trust its key and append it
+    (one line, under a lock: the hosts of a fleet connect at once, in threads and
+    processes, and each SSHClient would otherwise rewrite the whole file)."""
+    import paramiko
+    from paramiko.hostkeys import HostKeyEntry
+
+    class AcceptNew(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            folder = os.path.dirname(path)
+            if folder:
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+            with _KNOWN_HOSTS_LOCK, open(path, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.write(HostKeyEntry([hostname], key).to_line())
+            log.warning("new host: its key is trusted and saved", host=hostname,
+                        key=f"{key.get_name()} {_fingerprint(key)}", file=path)
+    return AcceptNew()
+
+
+_KNOWN_HOSTS_LOCK = threading.Lock()
 _AEAD_FIRST = None
 
 

@@ -159,7 +159,8 @@ ip = "{BRIDGE_IP}"
             list(args) + ["--config", str(self.site), "--host", HOST]
         name = f"{self.commands:02d}-xenrun-{args[0]}"
         self.say(f"  $ xenrun {' '.join(args)} --host {HOST}   (output: {self.workdir / name}.out/.err)")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",  # this machine's key (new with every image) kept apart
+               "XENRUN_KNOWN_HOSTS": str(self.workdir / "known_hosts")}
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
                               stdin=subprocess.DEVNULL, cwd=self.workdir)
         (self.workdir / f"{name}.out").write_text(proc.stdout)
