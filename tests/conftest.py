@@ -56,6 +56,15 @@ def file_map(root: Path, skip_state: bool = True) -> dict[str, bytes | str]:
     return out
 
 
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 (tests/sshd.py), key auth as root."""
+    from sshd import start_sshd
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _known_hosts(tmp_path_factory, monkeypatch):
     """Each test's SSH host keys go to a known_hosts file of its own (its servers

@@ -21,19 +21,12 @@ import pytest
 from xenrun import fleet
 
 from conftest import EXAMPLES, HOSTS, add_busybox, file_map, run_xenrun, tree_hash
-from sshd import available, free_port, start_sshd
+from sshd import available, free_port
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=available() or "")
 
 N = 32
 UNREACHABLE, FAILING, BAD_FACTS = "xen30", "xen31", "xen32"
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = start_sshd(tmp_path_factory.mktemp("sshd-fleet"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HOSTS, file_map, lab_host, run_xenrun, tree_hash
-from sshd import available, free_port, start_sshd
+from sshd import available, free_port
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=available() or "")
 
@@ -39,13 +39,6 @@ sys.argv = ["xenrun", *sys.argv[1:]]
 from xenrun.cli import main
 main()
 """
-
-
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

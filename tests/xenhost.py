@@ -33,7 +33,6 @@ import re
 import selectors
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -326,6 +325,17 @@ def _busybox(tree: _Tree) -> None:
     tree.chardev("dev/console", 5, 1)
 
 
+def _add_modules(tree: _Tree, pkgs: dict, names: Iterable[str], listing: str) -> None:
+    """The kernel modules ``names`` (with what they depend on) into the tree, and
+    ``listing``: their paths in load order, for the init script's insmod loop."""
+    paths = []
+    for ko in module_load_order(pkgs["modules_dir"], names):
+        inner = f"usr/lib/modules/{ko.name}"
+        tree.file(inner, ko.read_bytes())
+        paths.append("/" + inner)
+    tree.file(listing, ("\n".join(paths) + "\n").encode())
+
+
 # --- guest initramfs --------------------------------------------------------------
 
 GUEST_INIT = r"""#!/bin/busybox sh
@@ -370,12 +380,7 @@ def build_guest_initramfs(out: Path, pkgs: dict, wait_seconds: int = 20, end: st
     _merged_usr(tree)
     _busybox(tree)
     tree.file("usr/sbin/poweroff", GUEST_POWEROFF, 0o100755)
-    paths = []
-    for ko in module_load_order(pkgs["modules_dir"], GUEST_MODULES):
-        inner = f"usr/lib/modules/{ko.name}"
-        tree.file(inner, ko.read_bytes())
-        paths.append("/" + inner)
-    tree.file("etc/guest-modules", ("\n".join(paths) + "\n").encode())
+    _add_modules(tree, pkgs, GUEST_MODULES, "etc/guest-modules")
     init = GUEST_INIT.replace("{wait}", str(wait_seconds * 2)).replace("{end}", GUEST_END[end])
     tree.file("init", init.encode(), 0o100755)
     return tree.write(out)
@@ -478,12 +483,7 @@ def build_dom0_initramfs(
     for lib in HOST_EXTRA_LIBS:
         tree.file(_usr(lib), Path(lib).resolve().read_bytes(), 0o100755)
 
-    mods = []
-    for ko in module_load_order(pkgs["modules_dir"], DOM0_MODULES):
-        inner = f"usr/lib/modules/{ko.name}"
-        tree.file(inner, ko.read_bytes())
-        mods.append("/" + inner)
-    tree.file("etc/xenhost/modules", ("\n".join(mods) + "\n").encode())
+    _add_modules(tree, pkgs, DOM0_MODULES, "etc/xenhost/modules")
 
     tree.file(GUEST_KERNEL, Path(pkgs["vmlinuz"]).read_bytes())
     if guest_initramfs is None:
@@ -643,12 +643,7 @@ def boot_xen_host(
             reason = f"QEMU exited (status {proc.wait(timeout=5)}) before dom0 finished"
     finally:
         sel.close()
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        bootcheck.kill_group(proc)
         for f in (proc.stdout, proc.stderr):
             f.close()
     if pending:

@@ -407,6 +407,16 @@ def qemu_command(
     return argv
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a QEMU started in a session of its own (and anything it started), and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def _clean(line: str) -> str:
     return _ANSI.sub("", line).replace("\r", "")
 
@@ -509,12 +519,7 @@ def boot(
             watcher.exited(proc.wait(timeout=5))
     finally:
         sel.close()
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        kill_group(proc)
         for f in (proc.stdout, proc.stderr):
             if f is None:
                 continue

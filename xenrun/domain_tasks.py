@@ -457,40 +457,44 @@ def _show(result, fmt: str) -> None:
 _PLAN_FLAGS = ("name", "root", "host", "config", "domains", "dry", "yes", "files_only", "format")
 
 
+def _plan_task(action, root, host, config, domains, dry, yes, files_only, format) -> None:
+    """The body of a task that plans and applies: options checked, ``action(opts)``
+    run, its result shown."""
+    logs.configure()
+    opts = _guard(lambda: _opts(root, host, config, domains, dry, yes, files_only, format))
+    _show(_guard(lambda: action(opts)), format)
+
+
 @task(name="create", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
 def create_task(c, name, root=None, host=None, config=None, domains=None, dry=False, yes=False, files_only=False,
                 format="text"):
     """Create a guest: its disk, xl config, autostart link, and `xl create` (S16 to S22)."""
-    logs.configure()
-    opts = _guard(lambda: _opts(root, host, config, domains, dry, yes, files_only, format))
-    _show(_guard(lambda: create(opts, name, _confirm)), format)
+    _plan_task(lambda o: create(o, name, _confirm),
+               root, host, config, domains, dry, yes, files_only, format)
 
 
 @task(name="finish-install", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
 def finish_install_task(c, name, root=None, host=None, config=None, domains=None, dry=False, yes=False,
                         files_only=False, format="text"):
     """After a PV install: boot through pygrub, drop kernel/ramdisk/extra and the ISO (S21)."""
-    logs.configure()
-    opts = _guard(lambda: _opts(root, host, config, domains, dry, yes, files_only, format))
-    _show(_guard(lambda: finish_install(opts, name, _confirm)), format)
+    _plan_task(lambda o: finish_install(o, name, _confirm),
+               root, host, config, domains, dry, yes, files_only, format)
 
 
 @task(name="shutdown", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
 def shutdown_task(c, name, root=None, host=None, config=None, domains=None, dry=False, yes=False, files_only=False,
                   format="text"):
     """Shut a guest down cleanly and wait until it is off (S23)."""
-    logs.configure()
-    opts = _guard(lambda: _opts(root, host, config, domains, dry, yes, files_only, format))
-    _show(_guard(lambda: xl_action(opts, name, "shutdown", _confirm)), format)
+    _plan_task(lambda o: xl_action(o, name, "shutdown", _confirm),
+               root, host, config, domains, dry, yes, files_only, format)
 
 
 @task(name="destroy", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
 def destroy_task(c, name, root=None, host=None, config=None, domains=None, dry=False, yes=False, files_only=False,
                  format="text"):
     """Stop a guest at once, as pulling its plug (S23); its disks and config stay."""
-    logs.configure()
-    opts = _guard(lambda: _opts(root, host, config, domains, dry, yes, files_only, format))
-    _show(_guard(lambda: xl_action(opts, name, "destroy", _confirm)), format)
+    _plan_task(lambda o: xl_action(o, name, "destroy", _confirm),
+               root, host, config, domains, dry, yes, files_only, format)
 
 
 @task(name="list", auto_shortflags=False, help=_h("root", "host", "config", "domains", "format"))
