@@ -18,7 +18,7 @@ the real .bashrc.
 pyinfra and ansible-core come from PyPI into .cache/bench-venv (created here on
 the first run). Ansible runs with forks = hosts and gather_facts off.
 
-    .venv/bin/python benchmarks/fleet.py [--sizes 1,10,30] [--tools xenrun,fabric,pyinfra,ansible]
+    .venv/bin/python benchmarks/fleet.py [--sizes 1,10,30] [--tools xenrun,fabric,pyinfra,ansible] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -276,6 +277,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,10,30")
     parser.add_argument("--tools", default="xenrun,fabric,pyinfra,ansible")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each tool and size, taken in turns; the medians are compared")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     tools = args.tools.split(",")
@@ -284,18 +287,34 @@ def main() -> None:
     os.environ["XENRUN_KNOWN_HOSTS"] = str(WORK / "known_hosts")  # this run's servers, not root's file
     if {"pyinfra", "ansible", "fabric"} & set(tools):
         ensure_venv()
+    # xenrun's bytecode, as a package install has it (pip compiles it; the other
+    # tools' packages have theirs): this checkout is an editable install, and
+    # PYTHONDONTWRITEBYTECODE (set on these machines) would have every run compile it
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "xenrun"), str(HERE / "job.py"),
+                    str(HERE / "benchjob.py")], check=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""})
     plain, norc = start_servers()
     results: dict = {}
     try:
         print(f"tools: xenrun (this checkout, {sys.executable}); {versions()}; {os.cpu_count()} CPUs,"
               f" load average {os.getloadavg()[0]:.1f} (other work on the machine skews every figure alike)")
         print("sshd with root's .bashrc bound to an empty file (pyenv init not paid):")
-        print(f"{'tool':<8} {'hosts':>5} {'first run':>10} {'re-run':>8}  job done  notes")
+        print(f"medians of {args.repeat} runs each, taken in turns (range in brackets)")
+        print(f"{'tool':<8} {'hosts':>5} {'first run':>22} {'re-run':>22}  job done  notes")
         for n in sizes:
+            runs: dict = {tool: [] for tool in tools}
+            for _ in range(args.repeat):
+                for tool in tools:
+                    runs[tool].append(bench(tool, norc, n))
             for tool in tools:
-                res = results[tool, n] = bench(tool, norc, n)
+                res = results[tool, n] = {label: (statistics.median(r[label][0] for r in runs[tool]),
+                                                  runs[tool][-1][label][1],
+                                                  min(r[label][0] for r in runs[tool]),
+                                                  max(r[label][0] for r in runs[tool]))
+                                          for label in ("first", "re-run")}
+                done = next((r["done"] for r in runs[tool] if r["done"] != "ok"), "ok")
                 first, again = res["first"], res["re-run"]
-                print(f"{tool:<8} {n:>5} {first[0]:>8.2f} s {again[0]:>6.2f} s  {res['done']:<8}"
+                print(f"{tool:<8} {n:>5} {first[0]:>7.2f} s [{first[2]:.2f}-{first[3]:.2f}]"
+                      f" {again[0]:>7.2f} s [{again[2]:.2f}-{again[3]:.2f}]  {done:<8}"
                       f"  {first[1]}{' | re-run: ' + again[1] if again[1] else ''}", flush=True)
         biggest = max(sizes)
         print(f"\nplain sshd: root's real .bashrc (pyenv init) runs for every session sshd starts,"

@@ -200,6 +200,90 @@ def test_validator_runs_on_the_host_over_ssh(site, sshd):
     assert (root / "etc/motd").read_text() == "xen-host\n"
 
 
+def test_an_apply_over_ssh_costs_as_many_round_trips_for_12_files_as_for_2(site, sshd, tmp_path):
+    """The files of a stretch go together: their folders, the copies of their
+    originals, the journal records and the writes are a fixed number of round
+    trips whatever their number (the journal still says old or new for each)."""
+    trips, changed, saved, copies = {}, {}, {}, {}
+    for n in (2, 12):
+        work = tmp_path / f"files-{n}"
+        shutil.copytree(site, work, symlinks=True)
+        root = lab_host(work, f'files = {n}\ncommand = ["true"]')
+        (root / "etc/xenrun-sample").mkdir()
+        for k in range(1, n + 1, 2):  # half of them exist: their originals are copied
+            (root / f"etc/xenrun-sample/{k}").write_text(f"old {k}\n")
+        over_ssh(work, "lab", sshd)
+        r, report = setup_ssh(work, "lab", root, sshd, "--yes")
+        assert r.returncode == 0, r.stderr
+        assert all((root / f"etc/xenrun-sample/{k}").read_text() == f"file {k} of lab\n" for k in range(1, n + 1))
+        run = next((root / "var/lib/xenrun/runs").iterdir())
+        records = [json.loads(line) for line in (run / "journal").read_text().splitlines()]
+        first_done = next(i for i, r in enumerate(records) if r["op"] in ("done", "ran"))
+        assert all(r["op"] != "saved" for r in records[first_done:])  # every original on record before a change
+        changed[n] = report["summary"]["changed"]
+        saved[n] = sum(r["op"] == "saved" for r in records)
+        copies[n] = len(list((run / "orig").iterdir()))
+        trips[n] = stats(r)["command"] + stats(r)["sftp_waits"]
+    print(f"round trips of a first apply: {trips}")
+    assert changed[12] - changed[2] == saved[12] - saved[2] == 10 and copies[12] - copies[2] == 5
+    assert trips[12] == trips[2]
+
+
+def test_a_batch_of_writes_that_fails_leaves_every_file_as_it_was(sshd, tmp_path):
+    from xenrun.errors import TargetError
+    root = tmp_path / "r"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/a").write_text("old a\n")
+    (root / "etc/b").write_text("old b\n")
+    (root / "etc/plain").write_text("a file, not a folder\n")
+    target = ssh_target(sshd, root)
+    new = [("/etc/a", b"new a\n", 0o644, None, None), ("/etc/b", b"new b\n", 0o600, None, None)]
+
+    def reject_b(path, tmp):
+        assert Path(tmp).read_bytes() == dict((p, d) for p, d, *_ in new)[path]  # validated before the rename
+        if path == "/etc/b":
+            raise RuntimeError("b rejected")
+    with pytest.raises(RuntimeError, match="b rejected"):
+        target.write_atomic_many(new, reject_b)
+    with pytest.raises(TargetError, match="/etc/plain"):
+        target.write_atomic_many(new + [("/etc/plain/c", b"c\n", 0o644, None, None)])
+    assert file_map(root) == {"etc/a": file_map(root)["etc/a"], "etc/b": file_map(root)["etc/b"],
+                              "etc/plain": file_map(root)["etc/plain"]}
+    assert (root / "etc/a").read_text() == "old a\n" and (root / "etc/b").read_text() == "old b\n"
+    target.write_atomic_many(new)
+    assert (root / "etc/a").read_text() == "new a\n" and (root / "etc/b").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (root / "etc").iterdir()) == ["a", "b", "plain"]  # no temp file left
+
+
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_a_file_below_a_link_made_by_the_same_run_is_written_through_that_link(sshd, tmp_path, kind):
+    """Changes go in stretches whose folders and originals are prepared at once:
+    a path below a link the stretch makes starts a new one (else its folder
+    would be made before the link, where the link must go)."""
+    import structlog
+
+    from xenrun.apply import Applier
+    from xenrun.changes import Symlink, WriteFile
+    from xenrun.plan import assess
+    from xenrun.target import LocalTarget
+    root = tmp_path / "r"
+    (root / "etc").mkdir(parents=True)
+    (root / "opt/foo").mkdir(parents=True)
+    target = LocalTarget(root) if kind == "local" else ssh_target(sshd, root)
+    changes = [WriteFile("/etc/first", "1\n"), Symlink("/etc/foo", "/opt/foo"),
+               WriteFile("/etc/foo/bar", "through the link\n"), WriteFile("/etc/last", "2\n")]
+    applier = Applier(target, "t", structlog.get_logger())
+    applier.lock()
+    try:
+        done = applier.apply(assess(changes, target))
+    finally:
+        applier.unlock()
+    assert done["results"] == ["changed"] * 4
+    assert os.readlink(root / "etc/foo") == "/opt/foo"
+    assert (root / "opt/foo/bar").read_text() == "through the link\n"
+    assert (root / "etc/first").read_text() == "1\n" and (root / "etc/last").read_text() == "2\n"
+
+
 def test_sigkill_mid_apply_releases_the_remote_lock_and_the_next_run_converges(site, sshd, tmp_path):
     lab_host(site, 'files = 3\ncommand = ["true"]')
     new = local_reference(site, "lab")
@@ -438,3 +522,36 @@ def test_a_new_host_key_is_saved_and_a_changed_one_refused(site, sshd, monkeypat
     assert r.returncode == 2, r.stderr
     assert "host key is not the one" in r.stderr and f"ssh-keygen -R '{name}'" in r.stderr
     assert tree_hash(root) == before
+
+
+def test_host_keys_are_found_among_many_hosts_and_under_hashed_names(sshd, monkeypatch, tmp_path):
+    """A known_hosts file of a big site: many other hosts, comments, a broken line,
+    names hashed by ssh-keygen -H (HashKnownHosts). The host's own line is found
+    and checked; the others are not even parsed."""
+    from xenrun.errors import TargetError
+    known = tmp_path / "known_hosts"
+    monkeypatch.setenv("XENRUN_KNOWN_HOSTS", str(known))
+    target = ssh_target(sshd)
+    target._connect()  # a new host: its key is saved
+    target.close()
+    (ours,) = known.read_text().splitlines()
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    key_type, key = other.with_suffix(".pub").read_text().split()[:2]
+    name = f"[127.0.0.1]:{sshd.port}"
+    crowd = [f"[10.{n // 250}.{n % 250}.1]:22 {key_type} {key}" for n in range(2000)]
+    for own, works in ((ours, True), (f"{name} {key_type} {key}", False)):
+        known.write_text("\n".join(crowd[:1000] + [own] + crowd[1000:]) + "\n")
+        subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+        lines = known.read_text().splitlines()
+        assert name not in known.read_text() and len(lines) == 2001  # every name hashed
+        known.write_text("\n".join(["# a site's hosts"] + lines[:500] + ["not a key line"] + lines[500:]) + "\n")
+        before = known.read_text()
+        target = ssh_target(sshd)
+        if works:
+            target._connect()
+            target.close()
+        else:
+            with pytest.raises(TargetError, match="host key is not the one"):
+                target._connect()
+        assert known.read_text() == before  # nothing appended: the host was found

@@ -3,7 +3,10 @@
 - One lock per target (STATE/lock); a second run fails at once naming the holder.
 - A journal per run (STATE/runs/ID/journal, JSON lines, fsynced): before a file is
   touched its original is copied to STATE/runs/ID/orig/N and recorded, so the run
-  can always be undone byte for byte.
+  can always be undone byte for byte. This is done per stretch of changes (up to
+  and including the next command): every original of the stretch copied and on
+  record in one go, then its changes, consecutive file writes together; over SSH
+  a stretch costs a fixed number of round trips, not a few per file.
 - Every write is atomic (xenrun.target.write_atomic); a validator checks the new
   content before it goes live.
 - Any failure undoes every file this run changed, and the run ends with ApplyError.
@@ -34,6 +37,7 @@ from xenrun.plan import CHANGE, PENDING, Outcome, State
 
 STATE_DIR = "/var/lib/xenrun"
 END_RECORDS = ("commit", "undone", "failed")
+RECOVERY_RECORDS = ("saved", "mkdir")  # what _undo reads: durable before what they cover changes
 
 
 def _sha(data: bytes | None) -> str | None:
@@ -57,16 +61,17 @@ class CrashPoints:
 @dataclass
 class Journal:
     """A run's records. ``write`` makes a record durable at once (with any noted
-    before it); ``note`` keeps it until the next ``flush`` or ``write``, for
-    records nothing depends on until then: the applier flushes before it touches
-    a file or runs a command, so every "saved" record is on disk before its file
-    changes, and one fsync covers the "done" of a change and the "saved" of the
-    next. A crash loses only records that recovery does not need."""
+    before it); ``note`` keeps it until the next ``flush`` or ``write``. The
+    applier notes the "mkdir" and "saved" records of a stretch of changes
+    together and makes them durable (``secure``) before the first of those
+    changes; the "done" and "ran" records, which recovery does not read, wait
+    for the next flush. A crash loses only records that recovery does not need."""
 
     target: object
     run_id: str
     records: list[dict] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    needed: bool = False  # a record recovery reads is among the pending ones
 
     @property
     def folder(self) -> str:
@@ -75,11 +80,17 @@ class Journal:
     def note(self, **record) -> None:
         self.records.append(record)
         self.pending.append(json.dumps(record, sort_keys=True))
+        self.needed = self.needed or record["op"] in RECOVERY_RECORDS
 
     def flush(self) -> None:
         if self.pending:
-            lines, self.pending = "\n".join(self.pending), []
+            lines, self.pending, self.needed = "\n".join(self.pending), [], False
             self.target.append_line(f"{self.folder}/journal", lines)
+
+    def secure(self) -> None:
+        """Flush if recovery needs a pending record (before anything is touched)."""
+        if self.needed:
+            self.flush()
 
     def write(self, **record) -> None:
         self.note(**record)
@@ -151,6 +162,14 @@ def run_ids(target) -> list[str]:
     return target.listdir(f"{STATE_DIR}/runs") or []
 
 
+def read_state(target) -> None:
+    """Read what a run reads of xenrun's state on the target (the commands owed,
+    every run's journal): an SSH target fetches it all in one go before."""
+    owed_commands(target)
+    for run_id in run_ids(target):
+        Journal.read(target, run_id)
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}-{os.getpid()}"
 
@@ -169,6 +188,9 @@ class Applier:
     def lock(self) -> None:
         self.target.lock(f"{STATE_DIR}/lock",
                          f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        read_ahead = getattr(self.target, "read_ahead", None)
+        if read_ahead is not None:  # what recovery and the plan under the lock read, in one go
+            read_ahead(lambda: read_state(self.target))
 
     def unlock(self) -> None:
         self.target.unlock()
@@ -188,27 +210,37 @@ class Applier:
     # -- apply -------------------------------------------------------------------
     def apply(self, outcomes: list[Outcome]) -> dict:
         """Carry out the "change" outcomes in order. Returns {"run": id, "results":
-        [status per outcome]}; on failure undoes this run and raises ApplyError."""
+        [status per outcome]}; on failure undoes this run and raises ApplyError.
+
+        The changes go in stretches that end with a command (or the plan): first
+        the stretch's folders are made and the originals of everything it will
+        touch are copied and put on record, durably, in one go; then its changes
+        are made, consecutive file writes together."""
         todo = [o for o in outcomes if o.action == CHANGE]
         results = [o.action for o in outcomes]
         if not todo:
             return {"run": None, "results": results}
         self.journal = Journal(self.target, new_run_id())
-        self.target.makedirs(f"{self.journal.folder}/orig")
         self.journal.note(op="begin", kind=self.kind, host=self.host, pid=os.getpid(), time=time.time(),
-                           **self.begin)
+                          **self.begin)
         self.point("begin")
-        current = None
+        current: list[Outcome] = []
         try:
-            for index, outcome in enumerate(outcomes):
-                if outcome.action != CHANGE:
-                    continue
-                current = outcome
-                self._apply_one(outcome)
-                results[index] = "changed"
+            for number, stretch in enumerate(_stretches(outcomes)):
+                current = [outcomes[i] for i in stretch]
+                self._prepare(current, first=number == 0)
+                for batch in _batches(stretch, outcomes):
+                    current = [outcomes[i] for i in batch]
+                    if len(batch) > 1 or (_batched(current[0]) and current[0].after.kind == "file"):
+                        self._write_batch(current)
+                    else:
+                        self._apply_one(current[0])
+                    for index in batch:
+                        results[index] = "changed"
         except BaseException as e:
             _undo(self.target, self.journal)
-            what = _describe(current.change) if current else "apply"
+            what = ", ".join(_describe(o.change) for o in current[:3]) + (" ..." if len(current) > 3 else "") \
+                if current else "apply"
             self.journal.write(op="failed", step=what, error=str(e))
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -217,43 +249,72 @@ class Applier:
         self.point("commit")
         return {"run": self.journal.run_id, "results": results}
 
-    def _save(self, path: str, follow: bool = True) -> None:
-        """Copy the original of ``path`` into the run's folder, once per run.
-        ``follow``: a link to a file is saved as that file's content (the change
-        edits through the link); otherwise the link itself is saved."""
-        if path in self._saved:
-            return
-        info = self.target.lstat(path)
-        followed = self.target.stat(path) if info is not None else None
-        if info is None:
-            state = {"kind": "absent"}
-        elif info.kind == "link" and (not follow or followed is None or followed.kind != "file"):
-            state = {"kind": "link", "target": info.link}
-        else:
-            real = self.target.stat(path)
-            data = self.target.read(path)
-            self._copies += 1
-            copy = f"{self.journal.folder}/orig/{self._copies}"
-            self.target.write_new(copy, data, 0o600)  # referred to only by the record below
-            state = {"kind": "file", "copy": copy, "mode": real.mode, "uid": real.uid, "gid": real.gid,
-                     "sha256": _sha(data)}
-            self.point("original copied")
-        self.journal.note(op="saved", path=path, state=state)  # flushed before the file is touched
-        self._saved.add(path)
-        self.point("original recorded")
+    def _prepare(self, stretch: list[Outcome], first: bool) -> None:
+        """Before a stretch changes anything: the folders its files need made, and
+        the originals of what it touches (the files, the paths its command writes)
+        copied once per run and on record, durably."""
+        orig = f"{self.journal.folder}/orig"
+        files = [o for o in stretch if not isinstance(o.change, RunCommand)]
+        made = self.target.makedirs_many(([orig] if first else [])
+                                         + [o.path.rpartition("/")[0] or "/" for o in files])
+        for folder in made:
+            if folder != orig and not orig.startswith(folder + "/"):  # the run's own folders stay
+                self.journal.note(op="mkdir", path=folder)
+                self.point("folder created")
+        wanted = []  # (path, how): "follow", "link" (a link is saved as a link) or "image"
+        for o in stretch:
+            if isinstance(o.change, RunCommand):
+                wanted += [(p, "link") for p in o.change.writes]  # a link the command replaces comes back as one
+            elif isinstance(o.change, SparseFile):
+                wanted.append((o.path, "image"))
+            else:
+                wanted.append((o.path, "link" if isinstance(o.change, (Symlink, RemoveFile)) else "follow"))
+        first_how: dict[str, str] = {}
+        for path, how in wanted:
+            first_how.setdefault(path, how)
+        self._save([(p, how) for p, how in first_how.items() if p not in self._saved])
+        self.journal.secure()
+        self.point("originals on record")
 
-    def _parents(self, path: str) -> None:
-        for folder in self.target.makedirs(path.rpartition("/")[0] or "/"):
-            self.journal.write(op="mkdir", path=folder)
-            self.point("folder created")
+    def _save(self, wanted: list[tuple[str, str]]) -> None:
+        """Copy the originals of ``wanted`` (path, how) into the run's folder and
+        note their records. A link to a file is saved as that file's content when
+        the change edits through it ("follow"), as the link otherwise; a disk
+        image by its size, never its data."""
+        prefetch = getattr(self.target, "prefetch", None)  # an SSH target: every path in one round trip
+        if prefetch is not None and wanted:
+            prefetch([p for p, how in wanted if how != "image"], stat_only=[p for p, how in wanted if how == "image"])
+        copies, records = [], []
+        for path, how in wanted:
+            info = self.target.lstat(path)
+            followed = self.target.stat(path) if info is not None else None
+            if how == "image":
+                state = {"kind": "sparse", "size": followed.size} if followed else {"kind": "absent", "image": True}
+            elif info is None:
+                state = {"kind": "absent"}
+            elif info.kind == "link" and (how == "link" or followed is None or followed.kind != "file"):
+                state = {"kind": "link", "target": info.link}
+            else:
+                data = self.target.read(path)
+                self._copies += 1
+                copy = f"{self.journal.folder}/orig/{self._copies}"
+                copies.append((copy, data, 0o600))  # referred to only by the record below
+                state = {"kind": "file", "copy": copy, "mode": followed.mode, "uid": followed.uid,
+                         "gid": followed.gid, "sha256": _sha(data)}
+            records.append((path, state))
+        if copies:
+            self.target.write_new_many(copies)
+            self.point("originals copied")
+        for path, state in records:
+            self.journal.note(op="saved", path=path, state=state)  # made durable before the file is touched
+            self._saved.add(path)
+            self.point("original recorded")
 
     def _apply_one(self, outcome: Outcome) -> None:
         change = outcome.change
+        self.journal.secure()  # (done by _prepare: the originals are on record)
         if isinstance(change, RunCommand):
-            for path in change.writes:
-                self._save(path, follow=False)  # a link the command replaces comes back as a link
             self.log.info("running", command=" ".join(change.argv), step=change.step)
-            self.journal.flush()  # the originals of what it writes are on record
             result = self.target.run(change.argv, timeout=change.timeout)
             self.journal.note(op="ran", argv=list(change.argv), rc=result.rc)
             self.point("command ran")
@@ -261,42 +322,82 @@ class Applier:
                 tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
                 raise RuntimeError(f"exit code {result.rc}" + (f": {' / '.join(tail)}" if tail else ""))
             return
-        path = outcome.path
-        self._parents(path)
+        path, after = outcome.path, outcome.after
         if isinstance(change, SparseFile):
-            before = self.target.stat(path)
-            self.journal.note(op="saved", path=path, state={"kind": "sparse", "size": before.size}
-                              if before else {"kind": "absent", "image": True})
-            self.point("original recorded")
-            self.journal.flush()
             self.target.make_sparse(path, change.size, change.mode)
+        elif after.kind == "absent":
+            self.target.remove(path)
         else:
-            self._save(path, follow=not isinstance(change, (Symlink, RemoveFile)))
-            self.journal.flush()  # the original is on record before the file changes
-            self._write_state(path, outcome.after, getattr(change, "validate", ()))
-        self.journal.note(op="done", path=path, sha256=_sha(outcome.after.data))
+            self.target.symlink(path, after.link)
+        self.journal.note(op="done", path=path, sha256=_sha(after.data))
         self.point("file done")
 
-    def _write_state(self, path: str, after: State, validate: tuple[str, ...]) -> None:
-        if after.kind == "absent":
-            self.target.remove(path)
-        elif after.kind == "link":
-            self.target.symlink(path, after.link)
-        else:
-            info = self.target.stat(path)
+    def _write_batch(self, batch: list[Outcome]) -> None:
+        """Write files and make links, each atomically (a validated temp file or a
+        temp link renamed over the path; over SSH three round trips for them all)."""
+        files, links, checks = [], [], {}
+        for o in batch:
+            if o.after.kind == "link":
+                links.append((o.path, o.after.link))
+                continue
+            info = self.target.stat(o.path)
             uid, gid = (info.uid, info.gid) if info else (None, None)
+            files.append((o.path, o.after.data, o.after.mode if o.after.mode is not None else 0o644, uid, gid))
+            checks[o.path] = getattr(o.change, "validate", ())
 
-            def before_rename(tmp):
-                self.point("temp written")
-                if validate:
-                    result = self.target.run_on_file(validate, tmp)
-                    if result.rc != 0:
-                        msg = (result.stderr or result.stdout).strip().splitlines()
-                        raise RuntimeError(f"{' '.join(validate)} rejected the new {path}"
-                                           + (f": {msg[-1]}" if msg else ""))
-            self.target.write_atomic(path, after.data, after.mode if after.mode is not None else 0o644,
-                                     uid, gid, before_rename=before_rename)
-        self.point("file written")
+        def before_rename(path, tmp):
+            self.point("temp written")
+            if checks[path]:
+                result = self.target.run_on_file(checks[path], tmp)
+                if result.rc != 0:
+                    msg = (result.stderr or result.stdout).strip().splitlines()
+                    raise RuntimeError(f"{' '.join(checks[path])} rejected the new {path}"
+                                       + (f": {msg[-1]}" if msg else ""))
+        self.journal.secure()  # (done by _prepare: the originals are on record)
+        self.target.write_atomic_many(files, before_rename, links)
+        for o in batch:
+            self.journal.note(op="done", path=o.path, sha256=_sha(o.after.data))
+            self.point("file done")
+
+
+def _batched(outcome: Outcome) -> bool:
+    """A file write or a link: goes with its neighbours of the same kinds."""
+    return not isinstance(outcome.change, (RunCommand, SparseFile)) and outcome.after.kind in ("file", "link")
+
+
+def _stretches(outcomes: list[Outcome]) -> list[list[int]]:
+    """The indices of the "change" outcomes, cut after each command (what a
+    command does may change what the next changes find) and before a path
+    below one that a link or a removal of the stretch changes (its folders
+    and original are those found once that change is made)."""
+    stretches, current, moved = [], [], []
+    for index, outcome in enumerate(outcomes):
+        if outcome.action != CHANGE:
+            continue
+        path = outcome.path or ""
+        if path and any(path.startswith(m.rstrip("/") + "/") for m in moved):
+            stretches.append(current)
+            current, moved = [], []
+        current.append(index)
+        if isinstance(outcome.change, RunCommand):
+            stretches.append(current)
+            current, moved = [], []
+        elif outcome.after is not None and outcome.after.kind in ("link", "absent"):
+            moved.append(path)
+    return stretches + ([current] if current else [])
+
+
+def _batches(stretch: list[int], outcomes: list[Outcome]) -> list[list[int]]:
+    """A stretch cut into runs of file writes and links to different paths (one
+    batch each) and single changes."""
+    batches: list[list[int]] = []
+    for index in stretch:
+        if batches and _batched(outcomes[index]) and _batched(outcomes[batches[-1][-1]]) \
+                and outcomes[index].path not in {outcomes[i].path for i in batches[-1]}:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def _undo(target, journal: Journal) -> None:

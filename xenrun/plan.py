@@ -132,6 +132,23 @@ def assess(changes: list[Change], target, owed: frozenset = frozenset()) -> list
             changed_paths.add(outcome.path)
             view.planned[outcome.path] = outcome.after
         outcomes.append(outcome)
+    return _leave_what_cannot_run(outcomes, target)
+
+
+def _leave_what_cannot_run(outcomes: list[Outcome], target) -> list[Outcome]:
+    """Commands to run that cannot run on this target become "pending" (left for
+    the host). Asked once the plan is known, so an SSH root looks up every
+    program at once."""
+    runs = [o for o in outcomes if o.action == CHANGE and isinstance(o.change, RunCommand)]
+    look_up = getattr(target, "find_programs", None)
+    if look_up is not None and runs:
+        look_up([o.change.argv[0] for o in runs])
+    asked = {id(o) for o in runs}
+    for index, outcome in enumerate(outcomes):
+        blocked = target.cannot_run(outcome.change.argv) if id(outcome) in asked else None
+        if blocked:
+            outcomes[index] = Outcome(outcome.change, PENDING, f"left for the host: {blocked}; needed: {outcome.reason}",
+                                      diff=outcome.diff)
     return outcomes
 
 
@@ -233,8 +250,4 @@ def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str]
         done += [f"{' '.join(change.unless)} says done"] if change.unless else []
         done += ["nothing it depends on changed"] if change.onchange else []
         return Outcome(change, UNCHANGED, "; ".join(done))
-    blocked = target.cannot_run(change.argv)
-    if blocked:
-        return Outcome(change, PENDING, f"left for the host: {blocked}; needed: {'; '.join(reasons)}",
-                       diff=f"$ {word}\n")
-    return Outcome(change, CHANGE, "; ".join(reasons), diff=f"$ {word}\n")
+    return Outcome(change, CHANGE, "; ".join(reasons), diff=f"$ {word}\n")  # or pending: _leave_what_cannot_run

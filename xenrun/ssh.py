@@ -249,6 +249,7 @@ class SSHTarget:
         self._appends: dict[str, object] = {}  # journal files kept open
         self._append_real: dict[str, str] = {}  # and where they lie
         self._dir_handles: dict[str, object] = {}  # folders kept open for fsync
+        self._programs: dict[str, str] = {}  # find_program's answers that found one
         self._fsync_ext = True
         self._warmed = False
         self._spec: dict[str, set] | None = None  # wants collected while speculating
@@ -277,12 +278,14 @@ class SSHTarget:
         conn = fabric.Connection(self.hostname, user=self.user, port=self.port,
                                  connect_timeout=max(1, int(self.connect_timeout)), connect_kwargs=kwargs)
         known = known_hosts_file()
+        name = f"[{self.hostname}]:{self.port}" if self.port not in (None, 22) else self.hostname  # as in the file
         try:
             # Fabric accepts any host key; xenrun checks them as OpenSSH's
             # StrictHostKeyChecking=accept-new does: a known host must show its
             # known key, a new one is trusted and saved
-            if os.path.exists(known):
-                conn.client.load_host_keys(known)
+            keys = conn.client.get_host_keys()
+            for key in _known_keys(known, name):
+                keys.add(name, key.get_name(), key)
             conn.client.set_missing_host_key_policy(_accept_new(known))
             conn.open()
             transport = conn.client.get_transport()
@@ -315,7 +318,6 @@ class SSHTarget:
             raise
         except paramiko.BadHostKeyException as e:
             conn.close()
-            name = f"[{self.hostname}]:{self.port}" if self.port not in (None, 22) else self.hostname  # as in the file
             raise TargetError(f"{self}: its host key is not the one {known} has for {name} (got"
                               f" {e.key.get_name()} {_fingerprint(e.key)}, expected {_fingerprint(e.expected_key)});"
                               " not connecting. If the host was reinstalled, remove the old key:"
@@ -349,16 +351,27 @@ class SSHTarget:
         self._conn = self._sftp = self._chan = None
         self._locked = False
 
-    def _close_appends(self) -> None:
+    def _close_appends(self, meanwhile=None) -> None:
+        """Close the journal and folder handles kept open; ``meanwhile()`` runs
+        while the closes are on their way (the unlock: one wait for both)."""
         handles = [state[0] for state in self._appends.values()] + list(self._dir_handles.values())
         self._appends.clear()
         self._append_real.clear()
         self._dir_handles.clear()
-        if handles and self._sftp is not None:
-            try:
-                self._pipeline([self._close_request(h) for h in handles])
-            except Exception:  # noqa: BLE001 - closing handles of a session that may be gone
-                pass
+        requests = [self._close_request(h) for h in handles] if self._sftp is not None else []
+        try:
+            sent = self._send(requests) if requests else []
+        except Exception:  # noqa: BLE001 - closing handles of a session that may be gone
+            requests = []
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            if requests:
+                try:
+                    self._collect(requests, sent)
+                except Exception:  # noqa: BLE001 - as above
+                    pass
 
     @property
     def sftp(self):
@@ -503,7 +516,11 @@ class SSHTarget:
         known = self._lst.get(folder)
         if known is not None and known.kind == "dir" and folder in self._dirs and name not in self._dirs[folder] \
                 and name not in ("", ".", ".."):
-            return None  # not in its folder's listing, which is current (a write there forgets it)
+            self._lst[key] = None  # not in its folder's listing, which is current (a write there forgets both)
+            return None
+        if known is None and folder in self._lst and name not in ("", ".", ".."):
+            self._lst[key] = None  # its folder is known to be absent (making it forgets what is below)
+            return None
         if self._offline:
             raise _Miss(key)
         try:
@@ -680,12 +697,10 @@ class SSHTarget:
 
         def hints():
             from xenrun import plugins as registry
-            from xenrun.apply import PENDING_FILE, STATE_DIR, Journal, run_ids
+            from xenrun.apply import STATE_DIR, read_state
             from xenrun.facts import Probe
             self.lstat(f"{STATE_DIR}/lock")  # taken before an apply
-            self.read(PENDING_FILE)  # commands owed by an earlier --files-only run
-            for run_id in run_ids(self):
-                Journal.read(self, run_id)
+            read_state(self)
             for name in self.plugins:
                 try:
                     detect = getattr(registry.load(name), "detect_hardware", None)
@@ -694,6 +709,12 @@ class SSHTarget:
                 except Exception:  # noqa: BLE001 - choking on placeholders; the real run will tell
                     pass
         self._rounds(hints)
+
+    def read_ahead(self, fn) -> None:
+        """Run the reads of ``fn`` against the cache and fetch what they ask for
+        in bulk (a round per level of reads that depend on others); ``fn``'s
+        answers meanwhile are placeholders."""
+        self._rounds(fn)
 
     def _rounds(self, fn) -> None:
         for _ in range(WARM_UP_ROUNDS):
@@ -788,16 +809,34 @@ class SSHTarget:
         An fsync the server does not know (no fsync@openssh.com) becomes one
         remote ``sync`` after the pipeline, and every later fsync a sync too.
         ``check=False``: errors are returned in place of their answers."""
+        return self._collect(requests, self._send(requests), check)
+
+    def _send(self, requests: list[tuple]) -> list:
+        """Send ``requests`` without waiting; ``_collect`` reads their answers.
+        They go out together: one write to the channel, so SSH carries them in
+        as few packets as their size allows (each packet costs paramiko's
+        Python, and sshd, more than the bytes in it)."""
         from paramiko.sftp import CMD_EXTENDED
         sftp = self.sftp
-        sent = []
-        for request in requests:
-            if request[0] == "fsync":
-                if not self._fsync_ext:
-                    sent.append("sync")
-                    continue
-                request = (CMD_EXTENDED, "fsync@openssh.com", request[1])
-            sent.append(sftp._async_request(type(None), *request))
+        sent, out = [], []
+        sftp._write_all = out.append  # paramiko's _send_packet ends with _write_all(its bytes)
+        try:
+            for request in requests:
+                if request[0] == "fsync":
+                    if not self._fsync_ext:
+                        sent.append("sync")
+                        continue
+                    request = (CMD_EXTENDED, "fsync@openssh.com", request[1])
+                sent.append(sftp._async_request(type(None), *request))
+        finally:
+            del sftp._write_all
+        if out:
+            sftp._write_all(b"".join(out))
+        return sent
+
+    def _collect(self, requests: list[tuple], sent: list, check: bool = True) -> list:
+        """The answers to ``requests`` sent as ``sent``: as _pipeline."""
+        sftp = self.sftp
         self.stats["sftp_waits"] += 1
         answers, error, sync = [], None, False
         for num in sent:
@@ -828,13 +867,14 @@ class SSHTarget:
     @staticmethod
     def _open_request(key: str, flags: str, mode: int | None = None) -> tuple:
         """An SFTP open: "x" new (O_EXCL: never through a link), "a" append,
-        "r" read; ``mode``: permissions to create it with (the umask may take bits)."""
+        "r" read, "rwc" read and write, created if absent; ``mode``: permissions
+        to create it with (the umask may take bits)."""
         from paramiko.sftp import (CMD_OPEN, SFTP_FLAG_APPEND, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL,
                                    SFTP_FLAG_READ, SFTP_FLAG_WRITE)
         from paramiko.sftp_attr import SFTPAttributes
         bits = {"x": SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL,
                 "a": SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_APPEND,
-                "r": SFTP_FLAG_READ, "rw": SFTP_FLAG_READ | SFTP_FLAG_WRITE}[flags]
+                "r": SFTP_FLAG_READ, "rwc": SFTP_FLAG_READ | SFTP_FLAG_WRITE | SFTP_FLAG_CREATE}[flags]
         attrs = SFTPAttributes()
         if mode is not None:
             attrs.st_mode = mode
@@ -884,22 +924,50 @@ class SSHTarget:
         it (the handle stays open for the next write there)."""
         return [("fsync", self._dir_handles[folder])]
 
-    def _open_new(self, key: str, folder: str | None = None, mode: int | None = None) -> tuple[bytes, list]:
-        """A new file at ``key`` (O_EXCL: never through a link); a leftover of a
-        killed run is removed first. ``folder``: also open it (kept for fsync)."""
+    def _open_new_many(self, files: list[tuple[str, str, int | None]], folders: list[str] = ()) -> list[bytes]:
+        """New files (key, folder, mode) opened O_EXCL (never through a link), in
+        one round trip; a leftover of a killed run is removed and opened again
+        (a second). Each folder (theirs and ``folders``) is opened too and kept,
+        for the fsync that makes entries in it durable. Returns the files'
+        handles, in order."""
         from paramiko.sftp import CMD_REMOVE
-        extra = self._dir_handle_requests(folder) if folder else []
+        folders = list(dict.fromkeys([folder for _, folder, _ in files] + list(folders)))
+        extra = [f for f in folders if f not in self._dir_handles]
+        requests = [self._open_request(key, "x", mode) for key, _, mode in files] \
+            + [self._open_request(f, "r") for f in extra]
+        answers = self._pipeline(requests, check=False) if requests else []
+        for folder, answer in zip(extra, answers[len(files):]):
+            if not isinstance(answer, Exception):
+                self._dir_handles[folder] = self._handle(answer)
+        handles: list = [None if isinstance(a, Exception) else self._handle(a) for a in answers[:len(files)]]
+        again = [n for n, h in enumerate(handles) if h is None]
+        if again:  # SFTP v3 says only "Failure" for "exists": remove and try once more
+            requests = []
+            for n in again:
+                key, _, mode = files[n]
+                requests += [(CMD_REMOVE, self._path(key)), self._open_request(key, "x", mode)]
+            retried = self._pipeline(requests, check=False)
+            for n, answer in zip(again, retried[1::2]):
+                handles[n] = answer if isinstance(answer, Exception) else self._handle(answer)
+            failed = [(files[n][0], h) for n, h in enumerate(handles) if isinstance(h, Exception)]
+            if failed:
+                self._abandon(files, handles)
+                raise TargetError(f"{self}: cannot create {failed[0][0]}: {failed[0][1]}") from failed[0][1]
+        missing = [f for f in folders if f not in self._dir_handles]
+        if missing:
+            self._abandon(files, handles)
+            raise TargetError(f"{self}: cannot open the folder {missing[0]} (for its fsync)")
+        return handles
+
+    def _abandon(self, files: list[tuple], handles: list) -> None:
+        """Close and remove the files of a failed _open_new_many that were made."""
+        from paramiko.sftp import CMD_REMOVE
+        made = [(key, h) for (key, *_), h in zip(files, handles) if isinstance(h, bytes)]
         try:
-            answers = self._pipeline([self._open_request(key, "x", mode)] + extra)
-        except OSError:
-            try:
-                self._pipeline([(CMD_REMOVE, self._path(key))])
-            except FileNotFoundError:
-                pass
-            answers = self._pipeline([self._open_request(key, "x", mode)] + extra)
-        if folder:
-            self._keep_dir_handle(folder, answers[1:])
-        return self._handle(answers[0]), answers
+            self._pipeline([self._close_request(h) for _, h in made]
+                           + [(CMD_REMOVE, self._path(key)) for key, _ in made], check=False)
+        except (OSError, EOFError):
+            pass
 
     def _close_quietly(self, handle: bytes) -> None:
         try:
@@ -908,18 +976,23 @@ class SSHTarget:
             pass
 
     def makedirs(self, path: str) -> list[str]:
-        """Create ``path`` and missing parents; returns the folders it created,
-        outermost first (so an undo can remove them). One round trip to look
-        (every part at once), one to create the missing folders."""
+        return self.makedirs_many([path])
+
+    def makedirs_many(self, paths: list[str]) -> list[str]:
+        """Create ``paths`` and their missing parents; returns the folders it
+        created, each after its parent (so an undo can remove them newest first).
+        One round trip to look (every part of every path at once), one to create
+        the missing folders."""
         from paramiko.sftp import CMD_LSTAT, CMD_MKDIR
         from paramiko.sftp_attr import SFTPAttributes
-        self.exists(path)  # fetches every part of the path in one go
-        parts = [p for p in path.split("/") if p]
-        missing = []
-        for i in range(1, len(parts) + 1):
-            sub = "/" + "/".join(parts[:i])
-            if missing or not self.exists(sub):
-                missing.append(sub)
+        self._rounds(lambda: [self.exists(p) for p in paths])  # every part of every path in one go
+        missing: list[str] = []
+        for path in paths:
+            parts = [p for p in path.split("/") if p]
+            for i in range(1, len(parts) + 1):
+                sub = "/" + "/".join(parts[:i])
+                if sub not in missing and (posixpath.dirname(sub) in missing or not self.exists(sub)):
+                    missing.append(sub)
         if not missing:
             return []
         keys = [self._resolve(sub, True) for sub in missing]  # from the cache: every part was fetched
@@ -932,11 +1005,11 @@ class SSHTarget:
         finally:
             for key in keys:
                 self._forget(key)
-        for n, (key, (_, msg)) in enumerate(zip(keys, answers[1::2])):
-            # a folder just made holds only the next one: its listing answers
-            # "absent" for anything else in it (until a write there forgets it)
+        for key, (_, msg) in zip(keys, answers[1::2]):
+            # a folder just made holds only the folders made in it: its listing
+            # answers "absent" for anything else (until a write there forgets it)
             self._lst[key] = _sftp_info(SFTPAttributes._from_msg(msg))
-            self._dirs[key] = [keys[n + 1].rpartition("/")[2]] if n + 1 < len(keys) else []
+            self._dirs[key] = [k.rpartition("/")[2] for k in keys if k.rpartition("/")[0] == key]
         return missing
 
     def _temp_beside(self, real: str, regular: bool) -> tuple[str, str]:
@@ -951,59 +1024,114 @@ class SSHTarget:
 
     def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
                      gid: int | None = None, before_rename=None) -> None:
-        """Replace ``path`` with ``data``: temp file in the same folder (mode set
-        before any data is written), fsync, ``before_rename(remote path of the temp
-        file)`` (validation; raise to abort), rename, fsync of the folder. The temp
-        file never outlives a failure. Three round trips: open; mode, owner, data,
-        fsync and close; rename and the folder's fsync."""
-        from paramiko.sftp import CMD_EXTENDED, CMD_FSETSTAT, CMD_REMOVE
-        real = self._resolve(path, True)
-        folder, tmp = self._temp_beside(real, regular=True)
-        handle, _ = self._open_new(tmp, folder)
+        """Replace ``path`` with ``data``: write_atomic_many for one file;
+        ``before_rename(remote path of the temp file)``."""
+        self.write_atomic_many([(path, data, mode, uid, gid)],
+                               before_rename and (lambda _path, tmp: before_rename(tmp)))
+
+    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = ()) -> None:
+        """Replace each (path, data, mode, uid, gid) of ``files``: a temp file in its
+        folder (mode set before any data is written), fsync, ``before_rename(path,
+        remote path of its temp file)`` (validation; raise to abort); and make each
+        (path, target) of ``links`` a symlink: a temp link. Then every rename and
+        the folders' fsyncs. No temp file outlives a failure. Three round trips for
+        them all: the opens; modes, owners, data, fsyncs, closes and temp links;
+        the renames and the folders' fsyncs."""
+        from paramiko.sftp import CMD_EXTENDED, CMD_FSETSTAT, CMD_REMOVE, CMD_SYMLINK
+        if not files and not links:
+            return
+        # every path resolved before the cache forgets anything
+        reals = [self._resolve(path, True) for path, *_ in files] + [self._resolve(path, False) for path, _ in links]
+        places = [(path, real, *self._temp_beside(real, regular=n < len(files)))  # (path, real, folder, tmp)
+                  for n, ((path, *_), real) in enumerate(zip(list(files) + list(links), reals))]
+        folders = list(dict.fromkeys(folder for _, _, folder, _ in places))
+        handles = self._open_new_many([(tmp, folder, None) for _, _, folder, tmp in places[:len(files)]], folders)
         closed = False
         try:
-            requests = [(CMD_FSETSTAT, handle, self._attrs(mode))]
-            if uid is not None and gid is not None and self.user == "root":
-                requests.append((CMD_FSETSTAT, handle, self._attrs(uid=uid, gid=gid)))
-            closed = True  # the close is in the pipeline whatever else fails
-            self._pipeline(requests + self._writes(handle, data) + [("fsync", handle), self._close_request(handle)])
+            requests, owners, may_be_absent = [], [], set()
+            for (path, data, mode, uid, gid), handle in zip(files, handles):
+                mine = [(CMD_FSETSTAT, handle, self._attrs(mode))]
+                if uid is not None and gid is not None and self.user == "root":
+                    mine.append((CMD_FSETSTAT, handle, self._attrs(uid=uid, gid=gid)))
+                mine += self._writes(handle, data) + [("fsync", handle), self._close_request(handle)]
+                requests += mine
+                owners += [path] * len(mine)
+            for (path, target), (_, _, _, tmp) in zip(links, places[len(files):]):
+                may_be_absent.add(len(requests))  # a leftover temp link of a killed run, mostly none
+                # OpenSSH takes (target, link): the reverse of the draft, as paramiko sends it
+                requests += [(CMD_REMOVE, self._path(tmp)),
+                             (CMD_SYMLINK, target.encode(errors="surrogateescape"), self._path(tmp))]
+                owners += [path, path]
+            closed = True  # the closes are in the pipeline whatever else fails
+            self._pipeline_of(requests, owners, may_be_absent)
             if before_rename:
-                before_rename(tmp)
-            self._pipeline([(CMD_EXTENDED, "posix-rename@openssh.com", self._path(tmp), self._path(real))]
-                           + self._fsync_dir(folder))
+                for path, _, _, tmp in places[:len(files)]:
+                    before_rename(path, tmp)
+            self._pipeline_of([(CMD_EXTENDED, "posix-rename@openssh.com", self._path(tmp), self._path(real))
+                               for _, real, _, tmp in places] + [r for f in folders for r in self._fsync_dir(f)],
+                              [path for path, *_ in places] + folders)
         except BaseException:
             if not closed:
-                self._close_quietly(handle)
+                for handle in handles:
+                    self._close_quietly(handle)
             try:
-                self._pipeline([(CMD_REMOVE, self._path(tmp))])
+                self._pipeline([(CMD_REMOVE, self._path(tmp)) for *_, tmp in places], check=False)
             except (OSError, EOFError, AttributeError):
                 pass
             raise
 
+    def _pipeline_of(self, requests: list[tuple], owners: list[str], may_be_absent=()) -> list:
+        """_pipeline, its first error naming the path its request was for
+        (``may_be_absent``: indices of requests for which "no such file" is fine)."""
+        answers = self._pipeline(requests, check=False)
+        for n, (answer, owner) in enumerate(zip(answers, owners)):
+            if isinstance(answer, Exception) and not (n in may_be_absent and isinstance(answer, FileNotFoundError)):
+                raise TargetError(f"{self}: {owner}: {answer}") from answer
+        return answers
+
     def write_new(self, path: str, data: bytes, mode: int) -> None:
-        """Write a file that must not exist yet, durably (data and the folder's
-        entry), without a temp file: for files nothing refers to until this
-        returns (the journal's copies of originals). Two round trips."""
+        self.write_new_many([(path, data, mode)])
+
+    def write_new_many(self, files: list[tuple[str, bytes, int]]) -> None:
+        """Write (path, data, mode) files that must not exist yet, durably (data and
+        the folders' entries), without temp files: for files nothing refers to
+        until this returns (the journal's copies of originals). Two round trips
+        for them all."""
         from paramiko.sftp import CMD_FSETSTAT
-        real = self._resolve(path, True)
-        folder = real.rpartition("/")[0] or "/"
-        self._forget(real, regular=True)
-        handle, _ = self._open_new(real, folder, mode)
-        self._pipeline([(CMD_FSETSTAT, handle, self._attrs(mode))] + self._writes(handle, data)
-                       + [("fsync", handle), self._close_request(handle)] + self._fsync_dir(folder))
+        reals = [self._resolve(path, True) for path, _, _ in files]  # all before the cache forgets anything
+        places = []
+        for (_, _, mode), real in zip(files, reals):
+            self._forget(real, regular=True)
+            places.append((real, real.rpartition("/")[0] or "/", mode))
+        if not places:
+            return
+        handles = self._open_new_many(places)
+        requests, owners = [], []
+        for (path, data, mode), handle in zip(files, handles):
+            mine = ([(CMD_FSETSTAT, handle, self._attrs(mode))] + self._writes(handle, data)
+                    + [("fsync", handle), self._close_request(handle)])
+            requests += mine
+            owners += [path] * len(mine)
+        folders = list(dict.fromkeys(folder for _, folder, _ in places))
+        self._pipeline_of(requests + [r for f in folders for r in self._fsync_dir(f)], owners + folders)
 
     def symlink(self, path: str, target: str) -> None:
+        """Make ``path`` a link to ``target`` atomically (a temp link renamed over
+        it). Two round trips: a leftover temp link removed, the link made and the
+        folder opened; the rename and the folder's fsync."""
         from paramiko.sftp import CMD_EXTENDED, CMD_REMOVE, CMD_SYMLINK
         real = self._resolve(path, False)
         folder, tmp = self._temp_beside(real, regular=False)
-        try:
-            self._pipeline([(CMD_REMOVE, self._path(tmp))])
-        except FileNotFoundError:
-            pass
         # OpenSSH takes (target, link): the reverse of the draft, as paramiko sends it
-        answers = self._pipeline([(CMD_SYMLINK, target.encode(errors="surrogateescape"), self._path(tmp))]
-                                 + self._dir_handle_requests(folder))
-        self._keep_dir_handle(folder, answers[1:])
+        answers = self._pipeline([(CMD_REMOVE, self._path(tmp)),
+                                  (CMD_SYMLINK, target.encode(errors="surrogateescape"), self._path(tmp))]
+                                 + self._dir_handle_requests(folder), check=False)
+        if isinstance(answers[0], Exception) and not isinstance(answers[0], FileNotFoundError):
+            raise answers[0]  # a leftover that cannot go: the new link was not made in its place
+        for answer in answers[1:]:
+            if isinstance(answer, Exception):
+                raise answer
+        self._keep_dir_handle(folder, answers[2:])
         self._pipeline([(CMD_EXTENDED, "posix-rename@openssh.com", self._path(tmp), self._path(real))]
                        + self._fsync_dir(folder))
 
@@ -1041,31 +1169,29 @@ class SSHTarget:
             return False
 
     def make_sparse(self, path: str, size: int, mode: int) -> None:
-        """Create (or grow) a sparse file: only the size is set, no data written."""
-        from paramiko.sftp import CMD_FSETSTAT, CMD_FSTAT
+        """Create (or grow, never shrink) a sparse file: only the size is set, no
+        data written. Two round trips: open (creating it), its size and the
+        folder; mode (when new), size, fsync, close and the folder's fsync."""
+        from paramiko.sftp import CMD_FSETSTAT, CMD_STAT
         from paramiko.sftp_attr import SFTPAttributes
+        new = self.stat(path) is None
         real = self._resolve(path, True)
         folder = real.rpartition("/")[0] or "/"
         self._forget(real, regular=True)
-        first = []
-        answers = self._pipeline([self._open_request(real, "rw")] + self._dir_handle_requests(folder), check=False)
-        if len(answers) > 1 and not isinstance(answers[1], Exception):
-            self._keep_dir_handle(folder, answers[1:])
-        if isinstance(answers[0], FileNotFoundError):
-            handle, _ = self._open_new(real, folder, mode)
-            first = [(CMD_FSETSTAT, handle, self._attrs(mode))]
-        elif isinstance(answers[0], Exception):
-            raise answers[0]
-        else:
-            handle = self._handle(answers[0])
-        try:
-            _, msg = self._pipeline(first + [(CMD_FSTAT, handle)])[-1]
-            grow = [(CMD_FSETSTAT, handle, self._attrs(size=size))] \
-                if SFTPAttributes._from_msg(msg).st_size < size else []
-        except BaseException:
-            self._close_quietly(handle)
-            raise
-        self._pipeline(grow + [("fsync", handle), self._close_request(handle)] + self._fsync_dir(folder))
+        extra = self._dir_handle_requests(folder)
+        answers = self._pipeline([self._open_request(real, "rwc", mode), (CMD_STAT, self._path(real))] + extra,
+                                 check=False)
+        errors = [a for a in answers if isinstance(a, Exception)]
+        if errors:
+            if not isinstance(answers[0], Exception):
+                self._close_quietly(self._handle(answers[0]))
+            raise errors[0]
+        self._keep_dir_handle(folder, answers[2:])
+        handle = self._handle(answers[0])
+        requests = [(CMD_FSETSTAT, handle, self._attrs(mode))] if new else []
+        if SFTPAttributes._from_msg(answers[1][1]).st_size < size:
+            requests.append((CMD_FSETSTAT, handle, self._attrs(size=size)))
+        self._pipeline(requests + [("fsync", handle), self._close_request(handle)] + self._fsync_dir(folder))
 
     def truncate(self, path: str, size: int) -> None:
         """Set a file's size (undoing a grown disk image)."""
@@ -1121,8 +1247,12 @@ class SSHTarget:
         """The program's path inside the target, if it is there and can run (an
         ELF binary or a script with #!), as LocalTarget.find_program. Every
         candidate and the first bytes of the runnable ones come in one fetch (a
-        round more per level of links)."""
-        candidates = [program] if program.startswith("/") else [f"{d}/{program}" for d in SEARCH_PATH]
+        round more per level of links). A program found stays found for the
+        session: the commands that forget the cache (package installs) add
+        programs, they do not take away the one a plan's next command runs."""
+        if program in self._programs:
+            return self._programs[program]
+        candidates = _candidates(program)
 
         def runnable(c: str) -> bool:
             info = self.stat(c)
@@ -1137,8 +1267,16 @@ class SSHTarget:
                     return c  # speculating: no round trip for the magic bytes
                 magic = self._magic_of(c)
                 if magic == b"\x7fELF" or magic[:2] == b"#!":
+                    self._programs[program] = c
                     return c
         return None
+
+    def find_programs(self, programs: list[str]) -> None:
+        """Look up the programs commands will need, all in one fetch (a round
+        more per level of links), when this target runs commands in a root."""
+        if not (self.is_host or self.files_only or self.user not in (None, "root") or self._offline):
+            self._rounds(lambda: [self._magic_of(c) for p in programs if p not in self._programs
+                                  for c in _candidates(p)])
 
     def _magic_of(self, path: str) -> bytes:
         """The first four bytes of the file ``path`` leads to."""
@@ -1217,7 +1355,11 @@ class SSHTarget:
         lock is held by the session's shell, so it ends with the session."""
         self.makedirs(path.rpartition("/")[0])
         real = self._resolve(path, True)
+        folder, _, name = real.rpartition("/")
+        listing = self._dirs.get(folder)
         self._forget(real)
+        if listing is not None:  # the lock file is there now, nothing else changed in its folder
+            self._dirs[folder] = sorted(set(listing) | {name})
         answer, rc = self._request(f"x_lock {shlex.quote(real)} {shlex.quote(holder)}")
         if rc == 0:
             self._locked, self._lock_path = True, real
@@ -1230,10 +1372,16 @@ class SSHTarget:
         raise TargetError(f"{self}: cannot open the lock {path} (status {rc})")
 
     def unlock(self) -> None:
-        self._close_appends()
-        if self._locked and self._chan is not None:
-            self._locked = False
-            self._request(f"x_unlock {shlex.quote(self._lock_path)}")
+        def release():
+            if self._locked and self._chan is not None:
+                self._locked = False
+                self._request(f"x_unlock {shlex.quote(self._lock_path)}")
+        self._close_appends(meanwhile=release)
+
+
+def _candidates(program: str) -> list[str]:
+    """Where a program may be, as the commands' PATH searches."""
+    return [program] if program.startswith("/") else [f"{d}/{program}" for d in SEARCH_PATH]
 
 
 def _cut(data: bytes, keys: list[str], lst: dict[str, str]) -> dict[str, bytes]:
@@ -1257,6 +1405,36 @@ def known_hosts_file() -> str:
     """Where host keys are checked and new ones saved: $XENRUN_KNOWN_HOSTS, else
     the user's ~/.ssh/known_hosts (the file OpenSSH uses)."""
     return os.environ.get("XENRUN_KNOWN_HOSTS") or os.path.expanduser("~/.ssh/known_hosts")
+
+
+def _known_keys(path: str, name: str) -> list:
+    """The keys the known_hosts file ``path`` has for ``name`` ("host", or
+    "[host]:port"), plain or hashed, as paramiko matches them. Only that host's
+    lines are parsed: paramiko's own load parses every line into a key and checks
+    each against those before it, which with a fleet's hosts in the file cost
+    every connection time quadratic in their number."""
+    import paramiko
+    from paramiko.hostkeys import HostKeyEntry, HostKeys
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    keys = []
+    for number, line in enumerate(lines, 1):
+        fields = line.split(None, 1)
+        if not fields or fields[0].startswith("#"):
+            continue
+        if not any(h == name or (h.startswith("|1|") and HostKeys.hash_host(name, h) == h)
+                   for h in fields[0].split(",")):
+            continue
+        try:
+            entry = HostKeyEntry.from_line(line.strip(), number)
+        except paramiko.SSHException:
+            continue
+        if entry is not None:
+            keys.append(entry.key)
+    return keys
 
 
 def _fingerprint(key) -> str:

@@ -151,6 +151,25 @@ class LocalTarget:
                 created.append(sub)
         return created
 
+    def makedirs_many(self, paths: list[str]) -> list[str]:
+        """makedirs for several paths (an SSH target does them in one go)."""
+        return [folder for path in paths for folder in self.makedirs(path)]
+
+    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = ()) -> None:
+        """write_atomic for each (path, data, mode, uid, gid) of ``files``, then
+        symlink for each (path, target) of ``links``, one after the other;
+        ``before_rename(path, temp file)``. (An SSH target renames them together.)"""
+        for path, data, mode, uid, gid in files:
+            self.write_atomic(path, data, mode, uid, gid,
+                              before_rename and (lambda tmp, path=path: before_rename(path, tmp)))
+        for path, target in links:
+            self.symlink(path, target)
+
+    def write_new_many(self, files: list[tuple[str, bytes, int]]) -> None:
+        """write_new for each (path, data, mode)."""
+        for path, data, mode in files:
+            self.write_new(path, data, mode)
+
     def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
                      gid: int | None = None, before_rename=None) -> None:
         """Replace ``path`` with ``data``: temp file in the same folder, fsync,
