@@ -4,10 +4,31 @@ are bound through contextvars (xenrun.run), never passed by hand."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
+from contextlib import contextmanager
 
 import structlog
+
+_QUIET = contextvars.ContextVar("xenrun_quiet", default=False)
+
+
+@contextmanager
+def quiet():
+    """No log events inside: for a speculative pass over code whose real pass
+    follows (an SSH host's read-ahead), so nothing is said twice."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def _drop_when_quiet(logger, method, event):
+    if _QUIET.get():
+        raise structlog.DropEvent
+    return event
 
 
 def configure(level: str = "info") -> None:
@@ -15,6 +36,7 @@ def configure(level: str = "info") -> None:
     renderer = structlog.dev.ConsoleRenderer(colors=True) if tty else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
+            _drop_when_quiet,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

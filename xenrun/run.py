@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from xenrun import logs
 from xenrun import plugins as registry
-from xenrun.apply import (STATE_DIR, Applier, Journal, owed_commands, remember_owed, remove_created_folders,
-                          rollback_changes, run_ids, still_owed)
+from xenrun.apply import (STATE_DIR, Applier, Journal, owed_commands, read_state, remember_owed,
+                          remove_created_folders, rollback_changes, run_ids, still_owed)
 from xenrun.changes import Change
 from xenrun.config import Host, HostSpec, Site, load_site
 from xenrun.errors import TargetError, UsageError
@@ -208,7 +209,26 @@ def setup(options: Options, confirm) -> Result:
 def setup_prepared(p: Prepared, options: Options, confirm) -> Result:
     """``setup`` of a host already prepared (a fleet prepares every host first, so
     that a bad configuration stops the run before any host is touched)."""
+    read_ahead(p, lambda: make_plan(p, gather_facts(p)))
     return execute(p, lambda: (make_plan(p, gather_facts(p)), []), options, confirm)
+
+
+def read_ahead(p: Prepared, make) -> None:
+    """On an SSH host: run the whole read side of a run (xenrun's state, every
+    plugin's facts, ``make()``'s plan and its assessment) against
+    the target's cache, quietly, fetching what it asks for in bulk, a round per
+    level of reads that depend on others; facts and plan then take no round trip
+    of their own. Elsewhere nothing."""
+    ahead = getattr(p.target, "read_ahead", None)
+    if ahead is None:
+        return
+
+    def reads():
+        with logs.quiet():
+            p.target.lstat(f"{STATE_DIR}/lock")  # taken before an apply
+            read_state(p.target)
+            assess(make(), p.target, owed_commands(p.target))
+    ahead(reads)
 
 
 def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Result:

@@ -686,6 +686,9 @@ class SSHTarget:
                 self._speculative(p, "o", None, lambda p=p: self._node(p, True)[1])
             for d in dirs:
                 self.listdir(d)
+        if self._spec is not None:  # inside a read-ahead: its rounds fetch these too
+            touch()
+            return
         self._warmed = True  # an explicit prefetch stands in for the warm-up
         self._rounds(touch)
 
@@ -713,7 +716,9 @@ class SSHTarget:
     def read_ahead(self, fn) -> None:
         """Run the reads of ``fn`` against the cache and fetch what they ask for
         in bulk (a round per level of reads that depend on others); ``fn``'s
-        answers meanwhile are placeholders."""
+        answers meanwhile are placeholders. Before the first read, ``fn`` stands
+        in for the warm-up: it should read what the warm-up would."""
+        self._warmed = True
         self._rounds(fn)
 
     def _rounds(self, fn) -> None:
@@ -1042,6 +1047,11 @@ class SSHTarget:
             return
         # every path resolved before the cache forgets anything
         reals = [self._resolve(path, True) for path, *_ in files] + [self._resolve(path, False) for path, _ in links]
+        if len(set(reals)) < len(reals):  # two of them lead to one file (through a link): in order, one by one
+            for n, item in enumerate(list(files) + list(links)):
+                self.write_atomic_many([item] if n < len(files) else [], before_rename,
+                                       [] if n < len(files) else [item])
+            return
         places = [(path, real, *self._temp_beside(real, regular=n < len(files)))  # (path, real, folder, tmp)
                   for n, ((path, *_), real) in enumerate(zip(list(files) + list(links), reals))]
         folders = list(dict.fromkeys(folder for _, _, folder, _ in places))
@@ -1274,9 +1284,14 @@ class SSHTarget:
     def find_programs(self, programs: list[str]) -> None:
         """Look up the programs commands will need, all in one fetch (a round
         more per level of links), when this target runs commands in a root."""
-        if not (self.is_host or self.files_only or self.user not in (None, "root") or self._offline):
-            self._rounds(lambda: [self._magic_of(c) for p in programs if p not in self._programs
-                                  for c in _candidates(p)])
+        if self.is_host or self.files_only or self.user not in (None, "root") or self._cache_only:
+            return
+        look = lambda: [self._magic_of(c) for p in programs if p not in self._programs  # noqa: E731
+                        for c in _candidates(p)]
+        if self._spec is not None:  # inside a read-ahead: its rounds fetch these too
+            look()
+        else:
+            self._rounds(look)
 
     def _magic_of(self, path: str) -> bytes:
         """The first four bytes of the file ``path`` leads to."""
