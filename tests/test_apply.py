@@ -226,7 +226,7 @@ def test_a_command_left_for_the_host_stays_listed_until_it_runs(site):
     first = setup("--files-only")
     assert first["report"]["status"] == "applied" and first["summary"]["pending"] == 1
     owed = json.loads((root / "var/lib/xenrun/pending").read_text())
-    assert owed == {"commands": [["touch", "/etc/ran"]]}
+    assert owed == {"commands": [["touch", "/etc/ran"]], "runs": [first["report"]["run"]]}
     again = setup("--files-only")
     assert again["report"]["status"] == "nothing to do"
     assert (again["summary"]["changed"], again["summary"]["pending"]) == (0, 1)
@@ -238,3 +238,27 @@ def test_a_command_left_for_the_host_stays_listed_until_it_runs(site):
     assert not (root / "var/lib/xenrun/pending").exists()
     last = setup()
     assert last["report"]["status"] == "nothing to do" and last["summary"]["pending"] == 0
+
+
+def test_a_rollback_takes_back_the_commands_its_run_left_for_the_host(site):
+    """The commands a --files-only run left follow the files it changed: once the
+    rollback has put those files back, they are no longer owed; the next run
+    leaves them again if it changes the files again."""
+    root = lab_host(site, 'command = ["touch", "/etc/ran"]', applets=("true",))
+    config = site / "plugins.toml"
+
+    def xenrun(task, *extra):
+        r = run_xenrun(task, "--config", config, "--host", "lab", "--yes", "--format", "json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    first = xenrun("setup", "--files-only")
+    assert first["summary"]["pending"] == 1 and (root / "var/lib/xenrun/pending").exists()
+    back = xenrun("rollback")
+    assert back["report"]["status"] == "applied"
+    assert f"no longer left for the host (run {first['report']['run']} is rolled back): touch /etc/ran" \
+        in back["report"]["notes"]
+    assert not (root / "var/lib/xenrun/pending").exists()
+    again = xenrun("setup", "--files-only", "--dry")
+    (item,) = [i for i in again["plan"] if i.get("argv") == ["touch", "/etc/ran"]]
+    assert item["action"] == "pending" and "earlier --files-only run" not in item["reason"]

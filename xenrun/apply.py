@@ -120,19 +120,31 @@ class Journal:
 PENDING_FILE = f"{STATE_DIR}/pending"  # commands --files-only runs left for the host
 
 
+def _pending(target) -> list[tuple[tuple, str | None]]:
+    """The pending file's (argv, run that left it) pairs."""
+    data = target.read(PENDING_FILE)
+    if not data:
+        return []
+    try:
+        text = json.loads(data)
+        runs = text.get("runs") or [None] * len(text["commands"])
+        return [(tuple(argv), run if isinstance(run, str) else None) for argv, run in zip(text["commands"], runs)
+                if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        structlog.get_logger().warning("unreadable; no command is taken as left for the host", file=PENDING_FILE)
+        return []
+
+
 def owed_commands(target) -> frozenset:
     """The argv tuples an earlier --files-only run left for the host and no run has
     carried out since (a command guarded only by ``onchange`` would otherwise be
     forgotten: the files it follows are unchanged on the next run)."""
-    data = target.read(PENDING_FILE)
-    if not data:
-        return frozenset()
-    try:
-        return frozenset(tuple(argv) for argv in json.loads(data)["commands"]
-                         if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv))
-    except (ValueError, KeyError, TypeError):
-        structlog.get_logger().warning("unreadable; no command is taken as left for the host", file=PENDING_FILE)
-        return frozenset()
+    return frozenset(argv for argv, _ in _pending(target))
+
+
+def left_by(target, run_id: str) -> frozenset:
+    """The commands owed because run ``run_id`` left them."""
+    return frozenset(argv for argv, run in _pending(target) if run == run_id)
 
 
 def still_owed(outcomes: list[Outcome], owed: frozenset, results: list[str] | None = None) -> frozenset:
@@ -147,13 +159,17 @@ def still_owed(outcomes: list[Outcome], owed: frozenset, results: list[str] | No
     return frozenset(now)
 
 
-def remember_owed(target, owed: frozenset, now: frozenset) -> None:
-    """Write the commands owed (under the lock), or remove the file when none are."""
+def remember_owed(target, owed: frozenset, now: frozenset, run: str | None = None) -> None:
+    """Write the commands owed (under the lock), each with the run that left it
+    (``run`` for those new now), or remove the file when none are."""
     if now == owed:
         return
     if now:
-        text = json.dumps({"commands": sorted(list(argv) for argv in now)}, indent=1) + "\n"
-        target.write_atomic(PENDING_FILE, text.encode(), 0o600)
+        before = dict(_pending(target))
+        commands = sorted(now)
+        text = json.dumps({"commands": [list(argv) for argv in commands],
+                           "runs": [before.get(argv) if argv in owed else run for argv in commands]}, indent=1)
+        target.write_atomic(PENDING_FILE, text.encode() + b"\n", 0o600)
     else:
         target.remove(PENDING_FILE)
 

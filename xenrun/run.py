@@ -17,7 +17,7 @@ import structlog
 
 from xenrun import logs
 from xenrun import plugins as registry
-from xenrun.apply import (STATE_DIR, Applier, Journal, owed_commands, read_state, remember_owed,
+from xenrun.apply import (STATE_DIR, Applier, Journal, left_by, owed_commands, read_state, remember_owed,
                           remove_created_folders, rollback_changes, run_ids, still_owed)
 from xenrun.changes import Change
 from xenrun.config import Host, HostSpec, Site, load_site
@@ -274,7 +274,7 @@ def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Res
                 result.status = "not applied"
                 return result
             done = applier.apply(outcomes)
-            remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]))
+            remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]), done["run"])
             result.status, result.run, result.results = "applied", done["run"], done["results"]
             return result
         finally:
@@ -302,6 +302,11 @@ def rollback(options: Options, confirm) -> Result:
                 return result
             done = Applier(p.target, p.host.name, log, kind="rollback", rollback_of=run_id).apply(outcomes)
             remove_created_folders(p.target, run_id)
+            owed, dropped = owed_commands(p.target), left_by(p.target, run_id)
+            if dropped:  # what that run left for the host follows files that are back as they were
+                remember_owed(p.target, owed, owed - dropped)
+                result.notes += [f"no longer left for the host (run {run_id} is rolled back): {' '.join(argv)}"
+                                 for argv in sorted(dropped)]
             if done["run"] is None:  # nothing differed: record the rollback all the same
                 j = Journal(p.target, f"{run_id}-rb")
                 p.target.makedirs(j.folder)

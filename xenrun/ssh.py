@@ -20,10 +20,12 @@ then costs one round trip (about 1 ms on loopback).
 The host needs a POSIX sh and the usual tools (stat -c, base64, readlink, mktemp,
 flock from util-linux, env, chroot for a root prefix); no Python.
 
-Reads answer from a cache filled in bulk (``prefetch`` and a warm-up that runs the
-core facts plugin speculatively against the cache, fetching whatever it asked for
-in one remote script per round) until the first write; any write or command
-empties it. A cache miss falls back to one SFTP request.
+Reads answer from a cache filled in bulk until the first write (a write forgets
+what it changes, a command everything): ``read_ahead(fn)`` runs ``fn`` (a setup's
+whole read side: state, facts, plan, assessment) speculatively against the cache
+and fetches whatever it asked for in one remote script per round; ``prefetch``
+and a warm-up (the host's detect_hardware) do the same for less. A cache miss
+outside them falls back to one SFTP request.
 
 The lock is ``flock -n`` on fd 9 of the persistent shell: it lives exactly as long
 as the SSH session, so a killed xenrun (or a dropped connection, once sshd notices)
