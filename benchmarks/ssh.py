@@ -80,9 +80,10 @@ def main() -> None:
         made = []
 
         class Rooted(ssh.SSHTarget):
-            def __init__(self, address, **kw):
-                super().__init__(address, root=root, connect_kwargs={
-                    "key_filename": str(server.key), "look_for_keys": False, "allow_agent": False}, **kw)
+            def __init__(self, address, **kw):  # this benchmark's root and key over what plugins.toml says
+                kw.update(root=root, connect_kwargs={
+                    "key_filename": str(server.key), "look_for_keys": False, "allow_agent": False})
+                super().__init__(address, **kw)
                 made.append(self)
         ssh.SSHTarget = Rooted
         from xenrun import logs
@@ -95,8 +96,8 @@ def main() -> None:
             made[-1].close()
             counts = dict(made[-1].stats)
             print(f"{host} {label}: {seconds:.3f} s, {result.status}, {result.summary()['changed']} changed;"
-                  f" round trips: {counts.get('command', 0)} shell requests, {counts.get('sftp', 0)} SFTP requests,"
-                  f" {counts.get('connect', 0)} connection")
+                  f" round trips: {counts.get('command', 0)} shell requests, {counts.get('sftp_waits', 0)} SFTP waits"
+                  f" ({counts.get('sftp', 0)} requests), {counts.get('connect', 0)} connection")
         started = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", "import xenrun.ssh, fabric"], capture_output=True)
         print(f"(python startup + import of xenrun.ssh and fabric: {time.perf_counter() - started:.3f} s)")
