@@ -49,7 +49,7 @@ TIMEOUT = 900
 XENRUN = f"""
 import sys
 sys.path.insert(0, {str(HERE)!r})
-from xenrun import plugins
+from xenrun import registry as plugins
 plugins.BUILTIN["benchjob"] = "benchjob"  # the benchmark's job, not a shipped plugin
 sys.argv = ["xenrun", *sys.argv[1:]]
 from xenrun.cli import main

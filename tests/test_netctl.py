@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from xenrun import plugins as registry
+from xenrun import registry
 from xenrun import run
 from xenrun.changes import RemoveFile, RunCommand, WriteFile
 from xenrun.config import Host, HostSpec, Site

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_xenrun, tree_hash
 from xenrun import hookspecs
-from xenrun import plugins as registry
+from xenrun import registry
 from xenrun.errors import UsageError
 
 

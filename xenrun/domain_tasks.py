@@ -21,7 +21,7 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from xenrun import logs, report, run
-from xenrun import plugins as registry
+from xenrun import registry
 from xenrun import xlcfg
 from xenrun.changes import Change, RemoveFile, RunCommand, Symlink, WriteFile
 from xenrun.config import Host

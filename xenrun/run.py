@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from xenrun import logs
-from xenrun import plugins as registry
+from xenrun import registry
 from xenrun.apply import (STATE_DIR, Applier, Journal, left_by, owed_commands, read_state, remember_owed,
                           remove_created_folders, rollback_changes, run_ids, still_owed)
 from xenrun.changes import Change

@@ -701,7 +701,7 @@ class SSHTarget:
         self._warmed = True
 
         def hints():
-            from xenrun import plugins as registry
+            from xenrun import registry
             from xenrun.apply import STATE_DIR, read_state
             from xenrun.facts import Probe
             self.lstat(f"{STATE_DIR}/lock")  # taken before an apply

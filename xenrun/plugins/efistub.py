@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import posixpath
 
-from xenrun import hookimpl
-from xenrun import settings as check
-from xenrun.changes import BootEntry, CopyFile, RunCommand, WriteFile
-from xenrun.errors import PlanError
-from xenrun.profiles import boot_files
-from xenrun.settings import Setting
+from xenrun.api import (hookimpl, checks as check, BootEntry, CopyFile, RunCommand, WriteFile, PlanError,
+                        boot_files, Setting)
 
 HELPER = "/usr/local/lib/xenrun/efi-xen"
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 
-from xenrun import hookimpl
-from xenrun import facts as parse
+from xenrun.api import hookimpl
+from xenrun.api import parsers as parse
 
 PROGRAMS = ("grub-mkconfig", "update-grub", "grub-install", "grub-reboot", "grub-set-default",
             "grub-editenv", "syslinux", "extlinux", "efibootmgr", "netctl", "xl", "yay", "paru",

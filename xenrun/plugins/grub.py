@@ -18,13 +18,8 @@ import re
 
 import structlog
 
-from xenrun import hookimpl
-from xenrun import settings as check
-from xenrun.changes import BootEntry, EnsureLine, RunCommand, WriteFile
-from xenrun.errors import PlanError
-from xenrun.facts import parse_shell_vars
-from xenrun.profiles import boot_files, profile_for
-from xenrun.settings import Setting
+from xenrun.api import (hookimpl, checks as check, BootEntry, EnsureLine, RunCommand, WriteFile, PlanError,
+                        parse_shell_vars, boot_files, profile_for, Setting)
 
 log = structlog.get_logger()
 HELPER = "/usr/local/lib/xenrun/grub-xen"

@@ -9,11 +9,7 @@ which does not depend on the deprecated ``file:`` prefix."""
 
 from __future__ import annotations
 
-from xenrun import hookimpl
-from xenrun import settings as check
-from xenrun.changes import SparseFile
-from xenrun.domains import DomainDisk
-from xenrun.settings import Setting
+from xenrun.api import hookimpl, checks as check, SparseFile, DomainDisk, Setting
 
 NAME = "image"
 

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import json
 
-from xenrun import hookimpl
-from xenrun import settings as check
-from xenrun.changes import RunCommand
-from xenrun.domains import DomainDisk
-from xenrun.settings import Setting
+from xenrun.api import hookimpl, checks as check, RunCommand, DomainDisk, Setting
 
 NAME = "lvm"
 _GIB = 1 << 30

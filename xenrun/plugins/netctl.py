@@ -25,11 +25,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from xenrun import hookimpl
-from xenrun import settings as check
-from xenrun.changes import RemoveFile, RunCommand, WriteFile
-from xenrun.errors import PlanError, TargetError
-from xenrun.settings import Setting
+from xenrun.api import (hookimpl, checks as check, RemoveFile, RunCommand, WriteFile, PlanError, TargetError,
+                        Setting)
 
 log = structlog.get_logger()
 

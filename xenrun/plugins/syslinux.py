@@ -16,12 +16,8 @@ import re
 
 import structlog
 
-from xenrun import hookimpl
-from xenrun import settings as check
-from xenrun.changes import BootEntry, CopyFile, RunCommand, WriteFile
-from xenrun.errors import PlanError
-from xenrun.profiles import boot_files
-from xenrun.settings import Setting
+from xenrun.api import (hookimpl, checks as check, BootEntry, CopyFile, EnsureLine, RunCommand, WriteFile,
+                        PlanError, boot_files, Setting)
 
 log = structlog.get_logger()
 CFG = "/boot/syslinux/syslinux.cfg"
@@ -138,7 +134,6 @@ def configure_boot(facts, host, xen_options):
 
 @hookimpl
 def promote_xen(facts, host):
-    from xenrun.changes import EnsureLine
     label = host.settings["syslinux"]["label"]
     return [EnsureLine(CFG, f"DEFAULT {label}", replace=r"^\s*DEFAULT\s", step="S10",
                        why="Xen booted: make it the default")]

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import structlog
 
-from xenrun import hookimpl
-from xenrun import settings as check
-from xenrun.changes import EnsureLine, RemoveFile, RunCommand, Symlink
-from xenrun.errors import PlanError
-from xenrun.profiles import profile_for
-from xenrun.settings import Setting
+from xenrun.api import (hookimpl, checks as check, EnsureLine, RemoveFile, RunCommand, Symlink, PlanError,
+                        profile_for, Setting)
 
 log = structlog.get_logger()
 XENFS_LINE = "none /proc/xen xenfs defaults 0 0"
