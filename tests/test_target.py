@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_xenrun, tree_hash
-from xenrun.target import LocalTarget
+from xenrun.targets.local import LocalTarget
 
 
 def test_dotdot_and_symlinks_never_leave_the_root(tmp_path):

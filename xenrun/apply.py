@@ -7,7 +7,7 @@
   and including the next command): every original of the stretch copied and on
   record in one go, then its changes, consecutive file writes together; over SSH
   a stretch costs a fixed number of round trips, not a few per file.
-- Every write is atomic (xenrun.target.write_atomic); a validator checks the new
+- Every write is atomic (Target.write_atomic, xenrun.targets); a validator checks the new
   content before it goes live.
 - Any failure undoes every file this run changed, and the run ends with ApplyError.
 - A run killed at any point leaves a journal without an end record; the next run

@@ -392,7 +392,7 @@ def lint_paths(paths: list[str], root: str | None = None, allow_open_vnc: bool =
         raise UsageError(f"domain.lint: no *.cfg in {', '.join(paths)}")
     base = Path(root).resolve() if root else Path("/")
     if root:
-        from xenrun.target import LocalTarget
+        from xenrun.targets.local import LocalTarget
         exists = LocalTarget(base).exists
     else:
         exists = os.path.exists

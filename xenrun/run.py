@@ -25,7 +25,7 @@ from xenrun.errors import TargetError, UsageError
 from xenrun.facts import Facts, Probe
 from xenrun.plan import CHANGE, PENDING, Outcome, assess
 from xenrun.settings import name as check_name
-from xenrun.target import LocalTarget
+from xenrun.targets.local import LocalTarget
 
 log = structlog.get_logger()
 
@@ -74,7 +74,7 @@ def prepare_in(site: Site, options: Options) -> Prepared:
     if root is None and options.host:
         spec = site.host(options.host)
         if spec.address:
-            from xenrun.ssh import SSHTarget  # fabric and paramiko load only for SSH hosts
+            from xenrun.targets.ssh import SSHTarget  # fabric and paramiko load only for SSH hosts
             keys = {"key_filename": str(spec.identity), "look_for_keys": False, "allow_agent": False} \
                 if spec.identity else {}
             remote = SSHTarget(spec.address, root=str(spec.root) if spec.root else None,  # connects on first use

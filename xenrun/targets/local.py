@@ -1,4 +1,4 @@
-"""Targets: where a plan is read and applied.
+"""LocalTarget: the running machine, or a machine root in a folder.
 
 A target offers a handful of operations on paths as the host sees them ("/etc/fstab")
 and never more: read, lstat, list, atomic write, symlink, remove, sparse file, run an
@@ -15,72 +15,13 @@ import fcntl
 import os
 import stat
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from xenrun.errors import LockHeld, TargetError
-
-SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-TMP_SUFFIX = ".xenrun-tmp"
+from xenrun.targets.base import SEARCH_PATH, TMP_SUFFIX, FileInfo, Result, Target, resolve_in_root
 
 
-@dataclass(frozen=True)
-class FileInfo:
-    kind: str  # "file", "dir", "link", "other"
-    mode: int  # permission bits
-    uid: int
-    gid: int
-    size: int
-    blocks: int  # 512-byte blocks really allocated
-    link: str | None = None  # symlink target
-
-
-@dataclass(frozen=True)
-class Result:
-    argv: tuple[str, ...]
-    rc: int
-    stdout: str
-    stderr: str
-
-
-def resolve_in_root(path: str, follow: bool, link_of, where: str = "target") -> list[str]:
-    """The parts of ``path`` resolved as chroot would: ``..`` stops at the root,
-    an absolute link starts again at the root, so nothing leaves it.
-    ``link_of(parts, rest)`` says what the link at ``parts`` points to (None: not a
-    link); ``rest`` are the parts still to come (an SSH target prefetches them). The last part
-    is followed only when ``follow``. Shared by local roots and SSH targets."""
-    parts = [p for p in path.split("/") if p]
-    resolved: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        link = link_of(resolved + [part], parts) if (parts or follow) else None
-        if link is not None:
-            hops += 1
-            if hops > 40:
-                raise TargetError(f"{where}: too many symlinks resolving {path}")
-            if link.startswith("/"):
-                resolved = []  # chroot semantics: absolute links start at the root
-            parts = [p for p in link.split("/") if p] + parts
-            continue
-        resolved.append(part)
-    return resolved
-
-
-def tmp_name(path: str) -> str:
-    """The temporary name an atomic write uses for ``path`` (same folder, so the
-    rename is atomic; fixed, so recovery can find and remove it)."""
-    head, _, tail = path.rpartition("/")
-    return f"{head}/.{tail}{TMP_SUFFIX}"
-
-
-class LocalTarget:
+class LocalTarget(Target):
     """The running machine (root "/") or a machine root in a folder."""
 
     def __init__(self, root: str | Path = "/", files_only: bool = False):

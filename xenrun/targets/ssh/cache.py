@@ -1,0 +1,388 @@
+"""The read cache of an SSHTarget: paths resolved over cached lstat answers,
+reads answered from the cache, speculative read-ahead, and the bulk fetch that
+fills it (one remote script per round)."""
+
+from __future__ import annotations
+
+import base64
+import posixpath
+import shlex
+import stat as statmod
+
+from xenrun.errors import TargetError
+from xenrun.targets.base import FileInfo, resolve_in_root
+
+WARM_UP_ROUNDS = 4
+MAGIC_LINKS = ("/proc/self", "/proc/thread-self")
+
+
+class _Miss(Exception):
+    """A cache miss while speculating (no round trip is made)."""
+
+
+def _info(fields: str, link: str | None = None) -> FileInfo:
+    raw, uid, gid, size, blocks = fields.split()
+    mode = int(raw, 16)
+    return FileInfo(_kind(mode), statmod.S_IMODE(mode), int(uid), int(gid), int(size), int(blocks), link)
+
+
+def _kind(mode: int) -> str:
+    return ("link" if statmod.S_ISLNK(mode) else "file" if statmod.S_ISREG(mode)
+            else "dir" if statmod.S_ISDIR(mode) else "other")
+
+
+def _sftp_info(attrs, link: str | None = None) -> FileInfo:
+    # SFTP v3 carries no block count: -1 says "unknown" (only the shell's stat has it)
+    return FileInfo(_kind(attrs.st_mode), statmod.S_IMODE(attrs.st_mode), attrs.st_uid, attrs.st_gid,
+                    attrs.st_size, -1, link)
+
+
+
+class Cache:
+    """The cache part of SSHTarget (a mixin: the state is SSHTarget's)."""
+
+    # -- cache -------------------------------------------------------------------
+    @property
+    def _offline(self) -> bool:
+        return self._spec is not None or self._cache_only
+
+    def _invalidate(self) -> None:
+        """Forget everything (after a command, which may change any file)."""
+        self._magic: dict[str, bytes] = {}
+        self._lst: dict[str, FileInfo | None] = {}
+        self._data: dict[str, bytes] = {}
+        self._dirs: dict[str, list[str]] = {}
+        self._resolved: dict[tuple[str, bool], str] = {}  # (path, follow) -> key, from the entries above
+
+    def _forget(self, key: str, regular: bool = False) -> None:
+        """Forget what a write to ``key`` changes: the entry itself, anything below
+        it, its folder's listing. Exact because every key is a resolved path (no
+        link on the way), so no other key can lead to the same file. ``regular``:
+        the write leaves a regular file there; when the cache knew no folder or
+        link there (a path walked through one would have put it in the cache), no
+        path resolves differently and nothing below it is cached."""
+        if self._spec is not None:
+            raise TargetError(f"{self}: a write while reading speculatively")
+        before = self._lst.get(key)
+        if regular and (before is None or before.kind == "file"):
+            for cache in (self._magic, self._lst, self._data):
+                cache.pop(key, None)
+        else:
+            below = key.rstrip("/") + "/"
+            self._resolved.clear()  # it may be, or have been, a link or a folder on some path's way
+            for cache in (self._magic, self._lst, self._data, self._dirs):
+                for k in [k for k in cache if k == key or k.startswith(below)]:
+                    del cache[k]
+        self._dirs.pop(posixpath.dirname(key), None)
+
+    def _want(self, key: str, letters: str) -> None:
+        self._spec.setdefault(key, set()).update(letters)
+
+    def _get_lst(self, key: str) -> FileInfo | None:
+        if key in self._lst:
+            return self._lst[key]
+        folder, _, name = key.rpartition("/")
+        folder = folder or "/"
+        known = self._lst.get(folder)
+        if known is not None and known.kind == "dir" and folder in self._dirs and name not in self._dirs[folder] \
+                and name not in ("", ".", ".."):
+            self._lst[key] = None  # not in its folder's listing, which is current (a write there forgets both)
+            return None
+        if known is None and folder in self._lst and name not in ("", ".", ".."):
+            self._lst[key] = None  # its folder is known to be absent (making it forgets what is below)
+            return None
+        if self._offline:
+            raise _Miss(key)
+        try:
+            attrs = self.sftp.lstat(key)
+            link = self._sftp.readlink(key) if statmod.S_ISLNK(attrs.st_mode) else None
+            info = _sftp_info(attrs, link)
+        except FileNotFoundError:
+            info = None
+        self._lst[key] = info
+        return info
+
+    # -- paths -------------------------------------------------------------------
+    def _join(self, parts: list[str]) -> str:
+        return self._prefix + "/" + "/".join(parts) if parts else self._prefix or "/"
+
+    def _resolve(self, path: str, follow: bool) -> str:
+        """The remote path for the target's ``path``: LocalTarget.real's algorithm
+        over the remote lstat answers (cached), so nothing escapes a root, and on a
+        host (a root at "/") it is realpath. Every key of the cache is such a path."""
+        known = self._resolved.get((path, follow))
+        if known is not None:  # resolving is pure Python over the cache: the fleet's biggest client cost
+            return known
+        if not path.startswith("/"):
+            raise TargetError(f"{self}: path must be absolute: {path!r}")
+        def link_of(parts: list[str], rest: list[str]) -> str | None:
+            candidate = self._join(parts)
+            try:
+                info = self._get_lst(candidate)
+            except _Miss:
+                raise _Miss(candidate, rest) from None
+            # /proc/self names whichever process looks: left to the kernel of
+            # the process that reads (a readlink child's pid is gone at once)
+            if info is not None and info.kind == "link" and candidate[len(self._prefix):] not in MAGIC_LINKS:
+                return info.link
+            return None
+        key = self._join(resolve_in_root(path, follow, link_of, str(self)))
+        self._resolved[(path, follow)] = key
+        return key
+
+    def _node(self, path: str, follow: bool) -> tuple[str, FileInfo | None]:
+        key = self._resolve(path, follow)
+        return key, self._get_lst(key)
+
+    def _speculative(self, path: str, letters: str, placeholder, fn):
+        """Run a read from the cache. While speculating, a miss records what to
+        fetch and answers ``placeholder``; otherwise a miss fetches what the read
+        needs in one remote script (twice more if links lead elsewhere), and
+        only then falls back to SFTP."""
+        if self._spec is not None:
+            try:
+                return fn()
+            except _Miss:
+                self._wants_for(path, letters)
+                return placeholder
+        if self._cache_only:
+            return fn()
+        if not self._warmed:
+            self._warm_up()
+        letters = letters or "o"  # a stat is mostly followed by a read (Overlay, _save)
+        for _ in range(3):
+            self._cache_only = True
+            try:
+                return fn()
+            except _Miss:
+                pass
+            finally:
+                self._cache_only = False
+            self._spec = {}
+            try:
+                self._wants_for(path, letters)
+            finally:
+                wants, self._spec = self._spec, None
+            self._fetch(wants)
+        return fn()
+
+    def _wants_for(self, path: str, letters: str) -> None:
+        """What to fetch for ``path``: from the first component the cache does not
+        know, every component as written (the kernel's reading; links among them
+        show up in the answer and are followed next round) and the path itself."""
+        try:
+            key = self._resolve(path, True)
+        except _Miss as miss:
+            candidate, rest = miss.args[0], list(miss.args[1]) if len(miss.args) > 1 else []
+            self._want(candidate, "l" + ("" if rest else letters))
+            for i, part in enumerate(rest):
+                if part in (".", ".."):
+                    break
+                candidate = f"{candidate.rstrip('/')}/{part}"
+                self._want(candidate, "l" + (letters if i == len(rest) - 1 else ""))
+        else:
+            self._want(key, "l" + letters)
+
+    # -- reading -----------------------------------------------------------------
+    def read(self, path: str) -> bytes | None:
+        """The content of the file at ``path``; None when it does not exist."""
+        def fn():
+            key, info = self._node(path, True)
+            if info is None:
+                return None
+            if info.kind == "dir":
+                raise TargetError(f"{self}: {path} is a folder, not a file")
+            if key in self._data:
+                return self._data[key]
+            if self._offline:
+                raise _Miss(key)
+            data = self._sftp_read(key, info)
+            self._data[key] = data
+            return data
+        return self._speculative(path, "c", None, fn)
+
+    def _sftp_read(self, key: str, info: FileInfo) -> bytes | None:
+        try:
+            with self.sftp.open(key, "rb") as f:
+                if info.size > 65536:
+                    f.prefetch(info.size)  # pipelined reads instead of one round trip per 32 KiB
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def lstat(self, path: str) -> FileInfo | None:
+        """What is at ``path`` itself (a symlink is reported, not followed)."""
+        return self._speculative(path, "", None, lambda: self._node(path, False)[1])
+
+    def stat(self, path: str) -> FileInfo | None:
+        """What ``path`` leads to, through symlinks."""
+        return self._speculative(path, "", None, lambda: self._node(path, True)[1])
+
+    def exists(self, path: str) -> bool:
+        return self.stat(path) is not None
+
+    def listdir(self, path: str) -> list[str] | None:
+        def fn():
+            key, info = self._node(path, True)
+            if info is None or info.kind != "dir":
+                return None
+            if key in self._dirs:
+                return self._dirs[key]
+            if self._offline:
+                raise _Miss(key)
+            try:
+                names = sorted(self.sftp.listdir(key))
+            except FileNotFoundError:
+                return None
+            self._dirs[key] = names
+            return names
+        return self._speculative(path, "d", None, fn)
+
+    # -- bulk reads ----------------------------------------------------------------
+    def prefetch(self, paths: list[str], dirs: list[str] = (), stat_only: list[str] = ()) -> None:
+        """Fetch the lstat, stat and content of ``paths``, the lstat and stat of
+        ``stat_only`` (disk images: never read) and the listings of ``dirs`` in
+        as few remote scripts as the links among them allow (one when there are
+        none); read, lstat, stat, exists and listdir then answer from the cache
+        until the next write."""
+        def touch():
+            for p in paths:
+                self.lstat(p)
+                info = self.stat(p)
+                if info is None or info.kind == "file":  # None: absent, or unknown yet (then asked for)
+                    self.read(p)
+            for p in stat_only:  # with the content when small, as a stat outside a prefetch
+                self.lstat(p)
+                self._speculative(p, "o", None, lambda p=p: self._node(p, True)[1])
+            for d in dirs:
+                self.listdir(d)
+        if self._spec is not None:  # inside a read-ahead: its rounds fetch these too
+            touch()
+            return
+        self._warmed = True  # an explicit prefetch stands in for the warm-up
+        self._rounds(touch)
+
+    def _warm_up(self) -> None:
+        """Before the first read: run the journal scan of a setup and the
+        detect_hardware of the host's plugins against the cache, fetching what
+        they ask for in bulk (a round per level of reads that depend on others)."""
+        self._warmed = True
+
+        def hints():
+            from xenrun import registry
+            from xenrun.apply import STATE_DIR, read_state
+            from xenrun.facts import Probe
+            self.lstat(f"{STATE_DIR}/lock")  # taken before an apply
+            read_state(self)
+            for name in self.plugins:
+                try:
+                    detect = getattr(registry.load(name), "detect_hardware", None)
+                    if detect is not None:
+                        detect(probe=Probe(self))
+                except Exception:  # noqa: BLE001 - choking on placeholders; the real run will tell
+                    pass
+        self._rounds(hints)
+
+    def read_ahead(self, fn) -> None:
+        """Run the reads of ``fn`` against the cache and fetch what they ask for
+        in bulk (a round per level of reads that depend on others); ``fn``'s
+        answers meanwhile are placeholders. Before the first read, ``fn`` stands
+        in for the warm-up: it should read what the warm-up would."""
+        self._warmed = True
+        self._rounds(fn)
+
+    def _rounds(self, fn) -> None:
+        for _ in range(WARM_UP_ROUNDS):
+            self._spec = {}
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a hint choking on placeholders: fetch what it asked so far
+                pass
+            finally:
+                wants, self._spec = self._spec, None
+            if not wants:
+                return
+            self._fetch(wants)
+
+    def _fetch(self, wants: dict[str, set]) -> None:
+        """One remote script: the records asked for, parsed into the cache."""
+        keys = sorted(wants)
+        args = " ".join(f"{''.join(sorted(wants[k]))} {shlex.quote(k)}" for k in keys)
+        answer, _ = self._request(f"x_fetch {args}; printf '%s END 0\\n' \"$N\"")
+        lines = answer.split(b"\n")
+        i = 0
+        links: dict[str, str] = {}
+        lst: dict[str, str] = {}
+        text = lambda b: b.decode(errors="surrogateescape")  # noqa: E731
+        while i < len(lines):
+            head = text(lines[i])
+            words = head.split(" ", 2)
+            i += 1
+            tag = words[0]
+            if tag in ("L", "M"):
+                if len(words) > 1 and words[1].isdigit() and int(words[1]) < len(keys):
+                    value = words[2] if len(words) > 2 else ("?" if tag == "L" else "")
+                    if tag == "L":
+                        lst[keys[int(words[1])]] = value
+                    else:
+                        try:
+                            self._magic[keys[int(words[1])]] = bytes.fromhex(value.replace(" ", ""))
+                        except ValueError:
+                            pass
+                continue
+            if tag not in ("Y", "Z", "C") and not (tag == "K" and len(words) == 2 and words[1].isdigit()
+                                                   and int(words[1]) < len(keys)):
+                continue
+            body = []
+            while i < len(lines) and lines[i] not in (b".", b"!"):
+                body.append(lines[i])
+                i += 1
+            ok = i < len(lines) and lines[i] == b"."
+            i += 1
+            if not ok:
+                continue
+            data = base64.b64decode(b"".join(body))
+            if tag == "Z":  # several links' targets, NUL-terminated, in the order of their indices
+                where = [int(w) for w in head[1:].split()]
+                targets = data.split(b"\0")
+                if len(targets) == len(where) + 1 and not targets[-1] and all(n < len(keys) for n in where):
+                    links.update((keys[n], text(t)) for n, t in zip(where, targets))
+            elif tag == "Y":  # listings: "/i" starts folder i's names
+                listings: dict[str, list[str]] = {}
+                names: list | None = None
+                for entry in data.split(b"\0"):
+                    if entry.startswith(b"/"):
+                        n = int(entry[1:]) if entry[1:].isdigit() else len(keys)
+                        names = listings.setdefault(keys[n], []) if n < len(keys) else None
+                    elif entry and names is not None:
+                        names.append(text(entry))
+                self._dirs.update((k, sorted(v)) for k, v in listings.items())
+            elif tag == "K":
+                key = keys[int(words[1])]
+                links[key] = text(data[:-1]) if data.endswith(b"\n") else text(data)
+            else:  # "C": the files' contents back to back, cut by the sizes stat gave
+                self._data.update(_cut(data, [keys[n] for n in map(int, head[1:].split()) if n < len(keys)], lst))
+        for key, value in lst.items():
+            if value == "-":
+                self._lst[key] = None
+            elif value != "?":
+                info = _info(value, links.get(key))
+                if info.kind != "link" or key in links:
+                    self._lst[key] = info
+
+
+def _cut(data: bytes, keys: list[str], lst: dict[str, str]) -> dict[str, bytes]:
+    """The contents of ``keys`` from their concatenation ``data``, cut by the sizes
+    in their stat fields; nothing when the sizes do not add up (a file changed
+    or could not be read between the stat and the read: then each is read
+    again on its own)."""
+    try:
+        sizes = [int(lst[key].split()[3]) for key in keys]
+    except (KeyError, IndexError, ValueError):
+        return {}
+    if sum(sizes) != len(data):
+        return {}
+    out, at = {}, 0
+    for key, size in zip(keys, sizes):
+        out[key], at = data[at:at + size], at + size
+    return out
