@@ -291,9 +291,6 @@ def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str
 def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
     """Paths on this machine of the guest's disks that xenrun can read (local
     targets only): image files and, on the running machine, devices."""
-    real = getattr(p.target, "real", None)
-    if real is None:
-        return []
     out = []
     for disk in domain.disks:
         if disk.backend == "image":
@@ -305,8 +302,9 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
             path = disk.device
         else:
             continue
-        if path and os.path.exists(real(path)):
-            out.append(str(real(path)))
+        here = p.target.local_path(path) if path else None  # None: the target's files are elsewhere
+        if here is not None and os.path.exists(here):
+            out.append(str(here))
     return out
 
 

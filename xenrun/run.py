@@ -25,7 +25,7 @@ from xenrun.errors import TargetError, UsageError
 from xenrun.facts import Facts, Probe
 from xenrun.plan import CHANGE, PENDING, Outcome, assess
 from xenrun.settings import name as check_name
-from xenrun.targets.local import LocalTarget
+from xenrun.targets import LocalTarget, Target
 
 log = structlog.get_logger()
 
@@ -54,7 +54,7 @@ class Options:
 class Prepared:
     site: Site
     spec: HostSpec
-    target: LocalTarget
+    target: Target
     pm: object
     host: Host
 
@@ -107,7 +107,7 @@ def prepare_in(site: Site, options: Options) -> Prepared:
     return Prepared(site, spec, target, pm, Host(spec, settings, site))
 
 
-def _hostname(target: LocalTarget) -> str:
+def _hostname(target: Target) -> str:
     data = target.read("/etc/hostname")
     name = data.decode().strip() if data else (socket.gethostname() if target.is_host else "")
     try:
@@ -219,16 +219,12 @@ def read_ahead(p: Prepared, make) -> None:
     the target's cache, quietly, fetching what it asks for in bulk, a round per
     level of reads that depend on others; facts and plan then take no round trip
     of their own. Elsewhere nothing."""
-    ahead = getattr(p.target, "read_ahead", None)
-    if ahead is None:
-        return
-
     def reads():
         with logs.quiet():
             p.target.lstat(f"{STATE_DIR}/lock")  # taken before an apply
             read_state(p.target)
             assess(make(), p.target, owed_commands(p.target))
-    ahead(reads)
+    p.target.read_ahead(reads)
 
 
 def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Result:

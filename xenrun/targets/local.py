@@ -49,6 +49,10 @@ class LocalTarget(Target):
             return os.readlink(candidate) if candidate.is_symlink() else None
         return self.root.joinpath(*resolve_in_root(path, follow, link_of, str(self)))
 
+    def local_path(self, path: str) -> Path:
+        """Every file of a local target is on this machine: ``real(path)``."""
+        return self.real(path)
+
     # -- reading -----------------------------------------------------------------
     def read(self, path: str) -> bytes | None:
         """The content of the file at ``path``; None when it does not exist."""
@@ -114,7 +118,7 @@ class LocalTarget(Target):
     def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
                      gid: int | None = None, before_rename=None) -> None:
         """Replace ``path`` with ``data``: temp file in the same folder, fsync,
-        ``before_rename(host_path_of_temp)`` (validation; raise to abort), rename,
+        ``before_rename(path of the temp file on this machine)`` (validation; raise to abort), rename,
         fsync of the folder. The temp file never outlives a failure."""
         real = self.real(path)
         tmp = real.parent / f".{real.name}{TMP_SUFFIX}"
@@ -128,7 +132,7 @@ class LocalTarget(Target):
                     os.fchown(f.fileno(), uid, gid)
                 os.fsync(f.fileno())
             if before_rename:
-                before_rename(tmp)
+                before_rename(str(tmp))
             os.replace(tmp, real)
         except BaseException:
             try:
@@ -250,10 +254,11 @@ class LocalTarget(Target):
             return Result(argv, 124, "", f"{argv[0]}: timed out after {timeout} s")
         return Result(argv, p.returncode, p.stdout, p.stderr)
 
-    def run_on_file(self, argv: tuple[str, ...], real_path: Path) -> Result:
-        """Run a check command of this machine on a file of the target (validators
-        such as grub-script-check read the file where it lies)."""
-        full = tuple(str(real_path) if a == "{}" else a for a in argv)
+    def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
+        """Run a check command of this machine on a file of the target, "{}"
+        standing for its path on this machine (validators such as
+        grub-script-check read the file where it lies)."""
+        full = tuple(str(file_path) if a == "{}" else a for a in argv)
         try:
             p = subprocess.run(full, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         except FileNotFoundError:

@@ -55,6 +55,8 @@ __all__ = ["SSHTarget", "known_hosts_file", "parse_address"]
 class SSHTarget(Connection, Shell, Cache, Files, Target):
     """A host over SSH (``root``: a machine root folder on that host)."""
 
+    remote = True
+
     def __init__(self, address: str, root: str | None = None, files_only: bool = False,
                  connect_timeout: float = CONNECT_TIMEOUT, connect_kwargs: dict | None = None,
                  plugins: tuple[str, ...] | list[str] = ("facts",)):

@@ -348,10 +348,10 @@ class Shell:
             return Result(argv, 124, out.decode(errors="replace"), f"{argv[0]}: timed out after {timeout} s")
         return Result(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"))
 
-    def run_on_file(self, argv: tuple[str, ...], remote_path: str) -> Result:
+    def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
         """Run a check command of the host (outside any root) on a file of the
-        target, "{}" standing for its remote path (the temp file before a rename)."""
-        full = tuple(str(remote_path) if a == "{}" else a for a in argv)
+        target, "{}" standing for its path on the host (the temp file before a rename)."""
+        full = tuple(str(file_path) if a == "{}" else a for a in argv)
         rc, out, err = self._command(full, None, None, chroot=False)
         if rc == 127:
             return Result(full, 127, "", f"{full[0]}: command not found on {self} (install it to validate this file)")
