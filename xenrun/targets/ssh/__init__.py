@@ -58,10 +58,7 @@ class SSHTarget(Connection, Shell, Cache, Files, Target):
     remote = True
 
     def __init__(self, address: str, root: str | None = None, files_only: bool = False,
-                 connect_timeout: float = CONNECT_TIMEOUT, connect_kwargs: dict | None = None,
-                 plugins: tuple[str, ...] | list[str] = ("facts",)):
-        """``plugins``: the host's selected plugins, whose detect_hardware the
-        warm-up runs against the cache (their reads then cost no round trip each)."""
+                 connect_timeout: float = CONNECT_TIMEOUT, connect_kwargs: dict | None = None):
         self.address = address
         self.user, self.hostname, self.port = parse_address(address)
         self.root = posixpath.normpath(root).rstrip("/") or None if root else None
@@ -85,7 +82,7 @@ class SSHTarget(Connection, Shell, Cache, Files, Target):
         self._warmed = False
         self._spec: dict[str, set] | None = None  # wants collected while speculating
         self._cache_only = False  # answer from the cache or raise _Miss
-        self.plugins = tuple(plugins)
+        self._warm_up_reads = None  # what to read ahead before the first read (warm_up_with)
         self._invalidate()
 
     @property

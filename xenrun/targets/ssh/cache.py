@@ -263,25 +263,18 @@ class Cache:
         self._rounds(touch)
 
     def _warm_up(self) -> None:
-        """Before the first read: run the journal scan of a setup and the
-        detect_hardware of the host's plugins against the cache, fetching what
-        they ask for in bulk (a round per level of reads that depend on others)."""
+        """Before the first read that misses the cache (when no read_ahead came
+        first): run the reads the flow gave to warm_up_with against the cache,
+        fetching what they ask for in bulk (a round per level of reads that
+        depend on others)."""
         self._warmed = True
+        if self._warm_up_reads is not None:
+            self._rounds(self._warm_up_reads)
 
-        def hints():
-            from xenrun import registry
-            from xenrun.apply import STATE_DIR, read_state
-            from xenrun.facts import Probe
-            self.lstat(f"{STATE_DIR}/lock")  # taken before an apply
-            read_state(self)
-            for name in self.plugins:
-                try:
-                    detect = getattr(registry.load(name), "detect_hardware", None)
-                    if detect is not None:
-                        detect(probe=Probe(self))
-                except Exception:  # noqa: BLE001 - choking on placeholders; the real run will tell
-                    pass
-        self._rounds(hints)
+    def warm_up_with(self, reads) -> None:
+        """``reads()``: the reads to run ahead before the first read (the flow
+        knows them: its state scan, its plugins' facts)."""
+        self._warm_up_reads = reads
 
     def read_ahead(self, fn) -> None:
         """Run the reads of ``fn`` against the cache and fetch what they ask for
