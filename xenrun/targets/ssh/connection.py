@@ -15,8 +15,7 @@ import time
 import structlog
 
 from xenrun.errors import TargetError
-from xenrun.targets.base import SEARCH_PATH
-from xenrun.targets.ssh.shell import PROLOGUE, SMALL, STAT_FORMAT, _why
+from xenrun.targets.ssh.shell import _why, prologue
 
 log = structlog.get_logger()
 
@@ -73,7 +72,7 @@ class Connection:
                 f"if d=$(cd -P {shlex.quote(self.root)} 2>/dev/null && pwd -P); then printf '%s' \"$d\" | base64;"
                 " fi; printf '%s END 0\\n' \"$N\"\n")
             chan.sendall(f"N={self._nonce}\n".encode() +
-                         (PROLOGUE % {"path": ":".join(SEARCH_PATH), "fmt": STAT_FORMAT, "small": SMALL}).encode())
+                         prologue().encode())
             self._chan = chan
             self._read_answer(timeout=max(30, self.connect_timeout))
             if self.root:  # (after READY: an answer's end marker must not come before it)
