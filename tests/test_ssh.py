@@ -497,33 +497,16 @@ def test_a_host_that_stops_answering_mid_command_is_given_up_quickly(sshd, monke
                 pass
 
 
-def test_contents_read_together_are_cut_by_their_sizes():
-    """One `cat | base64` brings every small file of a fetch; the sizes from the
-    same fetch's stat cut it. When they do not add up (a file changed or was
-    unreadable in between), nothing is kept and each file is read again alone."""
-    from xenrun.targets.ssh.cache import _cut
-    lst = {"/a": "81a4 0 0 3 8", "/b": "81a4 0 0 0 0", "/c": "81a4 0 0 2 8"}
-    assert _cut(b"onexy", ["/a", "/b", "/c"], lst) == {"/a": b"one", "/b": b"", "/c": b"xy"}
-    assert _cut(b"onex", ["/a", "/b", "/c"], lst) == {}
-    assert _cut(b"one", ["/a", "/missing"], lst) == {}
-
-
-def test_a_file_that_changes_size_between_stat_and_read_is_read_whole(sshd, tmp_path, monkeypatch):
-    from xenrun.targets.ssh import cache
+def test_a_file_whose_size_does_not_match_its_content_is_read_whole(sshd, tmp_path):
+    """Files fetched together are cut by their stat sizes (framing.cut); when the
+    sizes do not add up (here a /proc file: size 0, text inside; elsewhere a file
+    that changed in between), each is read again on its own."""
     target = ssh_target(sshd)
     (tmp_path / "f").write_text("first\n")
-    (tmp_path / "g").write_text("other\n")
-    real_cut = cache._cut
-    grown = []
-
-    def cut_after_growth(data, keys, lst):  # as if f grew between the stat and the cat
-        grown.append(keys)
-        return real_cut(data + b"more", keys, lst)
-    monkeypatch.setattr(cache, "_cut", cut_after_growth)
-    target.prefetch([str(tmp_path / "f"), str(tmp_path / "g")])
-    assert grown
+    target.prefetch([str(tmp_path / "f"), "/proc/version"])
+    assert target.stat("/proc/version").size == 0
     assert target.read(str(tmp_path / "f")) == b"first\n"
-    assert target.read(str(tmp_path / "g")) == b"other\n"
+    assert target.read("/proc/version") == Path("/proc/version").read_bytes()
 
 
 def test_a_new_host_key_is_saved_and_a_changed_one_refused(site, sshd, monkeypatch, tmp_path):

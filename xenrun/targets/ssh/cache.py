@@ -4,13 +4,12 @@ fills it (one remote script per round)."""
 
 from __future__ import annotations
 
-import base64
 import posixpath
-import shlex
 import stat as statmod
 
 from xenrun.errors import TargetError
 from xenrun.targets.base import FileInfo, resolve_in_root
+from xenrun.targets.ssh.framing import fetch_request, kind_of, parse_fetch
 
 WARM_UP_ROUNDS = 4
 MAGIC_LINKS = ("/proc/self", "/proc/thread-self")
@@ -20,20 +19,9 @@ class _Miss(Exception):
     """A cache miss while speculating (no round trip is made)."""
 
 
-def _info(fields: str, link: str | None = None) -> FileInfo:
-    raw, uid, gid, size, blocks = fields.split()
-    mode = int(raw, 16)
-    return FileInfo(_kind(mode), statmod.S_IMODE(mode), int(uid), int(gid), int(size), int(blocks), link)
-
-
-def _kind(mode: int) -> str:
-    return ("link" if statmod.S_ISLNK(mode) else "file" if statmod.S_ISREG(mode)
-            else "dir" if statmod.S_ISDIR(mode) else "other")
-
-
 def _sftp_info(attrs, link: str | None = None) -> FileInfo:
     # SFTP v3 carries no block count: -1 says "unknown" (only the shell's stat has it)
-    return FileInfo(_kind(attrs.st_mode), statmod.S_IMODE(attrs.st_mode), attrs.st_uid, attrs.st_gid,
+    return FileInfo(kind_of(attrs.st_mode), statmod.S_IMODE(attrs.st_mode), attrs.st_uid, attrs.st_gid,
                     attrs.st_size, -1, link)
 
 
@@ -299,83 +287,10 @@ class Cache:
 
     def _fetch(self, wants: dict[str, set]) -> None:
         """One remote script: the records asked for, parsed into the cache."""
-        keys = sorted(wants)
-        args = " ".join(f"{''.join(sorted(wants[k]))} {shlex.quote(k)}" for k in keys)
-        answer, _ = self._request(f"x_fetch {args}; printf '%s END 0\\n' \"$N\"")
-        lines = answer.split(b"\n")
-        i = 0
-        links: dict[str, str] = {}
-        lst: dict[str, str] = {}
-        text = lambda b: b.decode(errors="surrogateescape")  # noqa: E731
-        while i < len(lines):
-            head = text(lines[i])
-            words = head.split(" ", 2)
-            i += 1
-            tag = words[0]
-            if tag in ("L", "M"):
-                if len(words) > 1 and words[1].isdigit() and int(words[1]) < len(keys):
-                    value = words[2] if len(words) > 2 else ("?" if tag == "L" else "")
-                    if tag == "L":
-                        lst[keys[int(words[1])]] = value
-                    else:
-                        try:
-                            self._magic[keys[int(words[1])]] = bytes.fromhex(value.replace(" ", ""))
-                        except ValueError:
-                            pass
-                continue
-            if tag not in ("Y", "Z", "C") and not (tag == "K" and len(words) == 2 and words[1].isdigit()
-                                                   and int(words[1]) < len(keys)):
-                continue
-            body = []
-            while i < len(lines) and lines[i] not in (b".", b"!"):
-                body.append(lines[i])
-                i += 1
-            ok = i < len(lines) and lines[i] == b"."
-            i += 1
-            if not ok:
-                continue
-            data = base64.b64decode(b"".join(body))
-            if tag == "Z":  # several links' targets, NUL-terminated, in the order of their indices
-                where = [int(w) for w in head[1:].split()]
-                targets = data.split(b"\0")
-                if len(targets) == len(where) + 1 and not targets[-1] and all(n < len(keys) for n in where):
-                    links.update((keys[n], text(t)) for n, t in zip(where, targets))
-            elif tag == "Y":  # listings: "/i" starts folder i's names
-                listings: dict[str, list[str]] = {}
-                names: list | None = None
-                for entry in data.split(b"\0"):
-                    if entry.startswith(b"/"):
-                        n = int(entry[1:]) if entry[1:].isdigit() else len(keys)
-                        names = listings.setdefault(keys[n], []) if n < len(keys) else None
-                    elif entry and names is not None:
-                        names.append(text(entry))
-                self._dirs.update((k, sorted(v)) for k, v in listings.items())
-            elif tag == "K":
-                key = keys[int(words[1])]
-                links[key] = text(data[:-1]) if data.endswith(b"\n") else text(data)
-            else:  # "C": the files' contents back to back, cut by the sizes stat gave
-                self._data.update(_cut(data, [keys[n] for n in map(int, head[1:].split()) if n < len(keys)], lst))
-        for key, value in lst.items():
-            if value == "-":
-                self._lst[key] = None
-            elif value != "?":
-                info = _info(value, links.get(key))
-                if info.kind != "link" or key in links:
-                    self._lst[key] = info
-
-
-def _cut(data: bytes, keys: list[str], lst: dict[str, str]) -> dict[str, bytes]:
-    """The contents of ``keys`` from their concatenation ``data``, cut by the sizes
-    in their stat fields; nothing when the sizes do not add up (a file changed
-    or could not be read between the stat and the read: then each is read
-    again on its own)."""
-    try:
-        sizes = [int(lst[key].split()[3]) for key in keys]
-    except (KeyError, IndexError, ValueError):
-        return {}
-    if sum(sizes) != len(data):
-        return {}
-    out, at = {}, 0
-    for key, size in zip(keys, sizes):
-        out[key], at = data[at:at + size], at + size
-    return out
+        keys, script = fetch_request(wants)
+        answer, _ = self._request(script)
+        fetched = parse_fetch(answer, keys)
+        self._magic.update(fetched.magic)
+        self._dirs.update(fetched.dirs)
+        self._data.update(fetched.data)
+        self._lst.update(fetched.infos)

@@ -14,6 +14,7 @@ from importlib import resources
 from xenrun.errors import LockHeld, TargetError
 from xenrun.targets.base import SEARCH_PATH, Result
 from xenrun.targets.ssh.cache import _Miss
+from xenrun.targets.ssh.framing import split_output, take_answer
 
 STAT_FORMAT = "%f %u %g %s %b"  # raw mode (hex), uid, gid, size, 512-byte blocks
 # a host silent this long while a command runs is asked for a sign of life, and
@@ -48,31 +49,16 @@ class Shell:
             raise TargetError(f"{self}: lost the connection: {_why(e)}") from None
         return self._read_answer(timeout)
 
-    def _find(self, marker: bytes) -> tuple[int, int] | None:
-        """Where ``marker`` starts a line in the buffer, and where that line ends."""
-        if self._buf.startswith(marker):
-            at = 0
-        else:
-            at = self._buf.find(b"\n" + marker) + 1
-            if not at:
-                return None
-        nl = self._buf.find(b"\n", at + len(marker))
-        return None if nl < 0 else (at, nl)
-
     def _read_answer(self, timeout: float | None = None) -> tuple[bytes, int]:
         """Read up to the next marker line: "N END status" after a request,
         "N READY" after the prologue (what came before it was rc-file noise)."""
-        end, ready = f"{self._nonce} END ".encode(), f"{self._nonce} READY".encode()
         deadline = None if timeout is None else time.monotonic() + timeout
         chan = self._chan
         while True:
-            for marker in (end, ready):
-                found = self._find(marker)
-                if found:
-                    at, nl = found
-                    answer, line = self._buf[:at], self._buf[at + len(marker):nl]
-                    self._buf = self._buf[nl + 1:]
-                    return (b"", 0) if marker is ready else (answer, int(line or b"0"))
+            taken = take_answer(self._buf, self._nonce)
+            if taken is not None:
+                answer, status, self._buf = taken
+                return answer, 0 if status is None else status
             while chan.recv_stderr_ready():
                 chan.recv_stderr(65536)  # the shell's own stderr: drained, not kept
             now = time.monotonic()
@@ -215,12 +201,7 @@ class Shell:
             stdin = '"$X/i"'
         script += f"(cd / && {' '.join(words)}) <{stdin} >\"$X/o\" 2>\"$X/e\" 9>&-; x_end $?"
         answer, rc = self._request(script, None if timeout is None else timeout + 30)
-        sep = f"{self._nonce} E\n".encode()
-        if answer.startswith(sep):
-            out, err = b"", answer[len(sep):]
-        else:
-            out, _, err = answer.partition(b"\n" + sep)
-        return rc, base64.b64decode(out.replace(b"\n", b"")), base64.b64decode(err.replace(b"\n", b""))
+        return (rc, *split_output(answer, self._nonce))
 
     def run(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
             input: str | None = None) -> Result:
