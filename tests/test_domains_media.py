@@ -18,7 +18,7 @@ from xenrun import domains as dom
 from xenrun.domains import Iso9660, guest_notes, mkinitcpio_missing, parse_domains, partition_offsets
 from xenrun.errors import ConfigError
 from xenrun.facts import Facts
-from xenrun.target import LocalTarget
+from xenrun.targets.local import LocalTarget
 
 MKISOFS = shutil.which("xorriso") or shutil.which("genisoimage")
 needs_iso_tool = pytest.mark.skipif(MKISOFS is None, reason="needs xorriso or genisoimage (apt-get install xorriso)")

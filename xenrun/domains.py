@@ -633,9 +633,8 @@ def _rock_ridge_name(use: bytes) -> str | None:
 def iso_reader(target, path: str) -> Iso9660:
     """An Iso9660 over a file of the target. On a local target (the machine or a
     --root folder) only the sectors needed are read; elsewhere the whole file."""
-    real = getattr(target, "real", None)
-    if real is not None:
-        host_path = real(path)
+    host_path = target.local_path(path)
+    if host_path is not None:
 
         def read_at(offset: int, length: int) -> bytes:
             with open(host_path, "rb") as f:

@@ -258,8 +258,7 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
     """Paths on this machine of the guest's disks that xenrun can read (local
     targets only): where its disk plugins say each disk is (the target of the xl
     disk entry they plan), image files always, devices on the running machine."""
-    real = getattr(p.target, "real", None)
-    if real is None:
+    if p.target.local_path("/") is None:  # the target's files are elsewhere (SSH)
         return []
     facts = run.gather_facts(p)
     out = []
@@ -271,8 +270,9 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
             path = xlcfg.disk_target(answer.entry) if answer else None
         if not path or (path.startswith("/dev/") and not p.target.is_host):
             continue
-        if os.path.exists(real(path)):
-            out.append(str(real(path)))
+        here = p.target.local_path(path)
+        if here is not None and os.path.exists(here):
+            out.append(str(here))
     return out
 
 
@@ -353,7 +353,7 @@ def lint_paths(paths: list[str], root: str | None = None, allow_open_vnc: bool =
         raise UsageError(f"domain.lint: no *.cfg in {', '.join(paths)}")
     base = Path(root).resolve() if root else Path("/")
     if root:
-        from xenrun.target import LocalTarget
+        from xenrun.targets.local import LocalTarget
         exists = LocalTarget(base).exists
     else:
         exists = os.path.exists
