@@ -287,6 +287,36 @@ def plan_xl(domain: Domain, action: str) -> list[Change]:
                                                         if action == "shutdown" else ""))]
 
 
+def plan_delete(p: run.Prepared, domain: Domain, purge: bool) -> tuple[list[Change], list[str]]:
+    """domain.delete: the guest shut down (S23), its autostart link and config
+    removed (both kept as originals: a rollback brings them back), and with
+    ``purge`` its disks removed too, which nothing can undo. A disk xenrun did not
+    make (``phy``, a device of the host's) is never removed."""
+    target = p.target
+    changes: list[Change] = plan_xl(domain, "shutdown")
+    notes: list[str] = []
+    link = target.lstat(domain.auto_path)
+    if link is not None and (link.kind != "link" or link.link == domain.config_path):
+        changes.append(RemoveFile(domain.auto_path, step="S22", why=f"{domain.name} no longer starts at boot"))
+    if target.exists(domain.config_path):
+        changes.append(RemoveFile(domain.config_path, step="S17", why=f"xl config of {domain.name}"))
+    facts = run.gather_facts(p) if purge else None
+    for disk in domain.disks:
+        if disk.backend == "phy":
+            notes.append(f"{domain.name}: {disk.device} is a device of the host's: kept")
+            continue
+        _plugin, answer = p.plugins.domain_disk(facts, p.host, domain, disk) if purge else (None, None)
+        path = xlcfg.disk_target(answer.entry) if answer else None
+        if not purge or not path:
+            notes.append(f"{domain.name}: disk {disk.vdev} kept ({disk.backend}); --purge removes it")
+            continue
+        gone = ("sh", "-c", '! test -e "$1"', "sh", path)  # exits 0 once the disk is gone
+        argv = ("lvremove", "-f", path) if disk.backend == "lvm" else ("rm", "-f", "--", path)
+        changes.append(RunCommand(argv, unless=gone, step="S16", timeout=300,
+                                  why=f"--purge: remove disk {disk.vdev} of {domain.name} (cannot be undone)"))
+    return [dataclasses.replace(c, plugin="domain") for c in changes], notes
+
+
 # -- the flows ---------------------------------------------------------------------
 
 def create(opts: DomainOptions, name: str, confirm) -> run.Result:
@@ -303,6 +333,14 @@ def finish_install(opts: DomainOptions, name: str, confirm) -> run.Result:
     domain = the_domain(host_domains(p, opts.domains), name, p, opts.domains)
     p = with_disk_plugins(p, domain)  # their settings say where the guest's disks are
     return run.execute(p, lambda: plan_finish(p, domain), opts.run, confirm)
+
+
+def delete(opts: DomainOptions, name: str, purge: bool, confirm) -> run.Result:
+    p = run.prepare(opts.run)
+    domain = the_domain(host_domains(p, opts.domains), name, p, opts.domains)
+    if purge:
+        p = with_disk_plugins(p, domain)  # they say where the disks are
+    return run.execute(p, lambda: plan_delete(p, domain, purge), opts.run, confirm)
 
 
 def xl_action(opts: DomainOptions, name: str, action: str, confirm) -> run.Result:
