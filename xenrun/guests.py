@@ -16,7 +16,7 @@ import structlog
 from xenrun import run, xlcfg
 from xenrun.changes import Change, RemoveFile, RunCommand, Symlink, WriteFile
 from xenrun.domains import (CONFIG_DIR, ISO_KERNELS, ISO_RAMDISKS, Domain, archiso_extra, derived_mac,
-                            guest_notes, iso_reader, load_domains, random_mac)
+                            guest_notes, iso_reader, lacks_boot_config, load_domains, random_mac)
 from xenrun.errors import PlanError, UsageError
 
 log = structlog.get_logger()
@@ -242,7 +242,12 @@ def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str
     findings = xlcfg.lint(new, allow_open_vnc=domain.allow_open_vnc)
     if findings:
         raise PlanError(f"{domain.config_path} after finish-install: " + "; ".join(_finding(f) for f in findings))
-    notes += guest_notes(domain, guest_images(p, domain))
+    images = guest_images(p, domain)
+    if (bare := lacks_boot_config(images)) is not None:
+        raise PlanError(f"{domain.name}: no /boot/grub/grub.cfg in the guest's disk ({bare}): pygrub would find"
+                        " nothing to boot; install GRUB's config in the guest first (grub-mkconfig -o"
+                        " /boot/grub/grub.cfg, with the root partition's UUID: S20), then finish-install")
+    notes += guest_notes(domain, images)
     if p.target.is_host and not p.target.cannot_run(("xl", "list", domain.name)) and \
             p.target.run(("xl", "list", domain.name), timeout=60).rc == 0:
         notes.append(f"{domain.name} is running: power it off inside the guest, then `xl create -c"
