@@ -237,6 +237,11 @@ def _check_structure(site: Site) -> None:
                     raise site.error(("hosts", host, "root"), f"with address, a folder on that host: {e}") from None
             elif not (site.folder / value).is_dir():
                 raise site.error(("hosts", host, "root"), f"folder {value!r} does not exist (relative to {site.folder})")
+            if (site.folder / value).resolve() == Path("/") if "address" not in table else value.rstrip("/") == "":
+                # a root of "/" (or one climbing up to it) is the machine itself, which
+                # a root is meant to stand in for: say so rather than run there
+                raise site.error(("hosts", host, "root"), f"{value!r} is the machine's own root;"
+                                                          " leave root out to mean the machine itself")
         if "identity" in table:
             value = table["identity"]
             if not isinstance(value, str) or not (site.folder / value).is_file():

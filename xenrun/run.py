@@ -43,6 +43,13 @@ class Options:
     def __post_init__(self):
         if self.format not in ("text", "json"):
             raise UsageError(f"--format: {self.format!r} is not one of: text, json")
+        if self.root is not None:
+            from pathlib import Path
+            if not self.root.strip() or "\0" in self.root:
+                raise UsageError("--root: empty; give a machine's root folder, or leave --root out for this machine")
+            if Path(self.root).resolve() == Path("/"):
+                raise UsageError(f"--root: {self.root!r} is this machine's own root;"
+                                 " leave --root out to mean this machine")
         if self.host is not None:
             try:
                 check_name(self.host)

@@ -109,11 +109,12 @@ class Shell:
 
     # -- commands ----------------------------------------------------------------
     def cannot_run(self, argv: tuple[str, ...]) -> str | None:
-        """Why ``argv`` cannot run on this target, or None when it can."""
-        if self.is_host:
-            return None
+        """Why ``argv`` cannot run on this target, or None when it can. With
+        --files-only nothing runs, on any target: not a command, not a guard."""
         if self.files_only:
             return "--files-only: commands are left for the host"
+        if self.is_host:
+            return None
         if self.user not in (None, "root"):
             return f"running commands inside {self.root} needs chroot, which needs root on the host"
         if self.find_program(argv[0]) is None:
