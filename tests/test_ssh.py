@@ -799,3 +799,46 @@ def test_a_bad_timeout_is_refused_with_its_line(site, value):
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry")
     assert r.returncode == 2 and f"plugins.toml:{line}: hosts.arch-grub.timeout: must be a number of seconds" in r.stderr
     assert tree_hash(site) == before
+
+
+def test_a_fleet_reports_a_host_that_stops_answering_and_goes_on(site, sshd, tmp_path):
+    """Two hosts at once; one (its own sshd) freezes mid-command: that host is
+    reported unreachable within its timeout, the other is applied, and the frozen
+    one converges on the next run once it is back."""
+    from sshd import start_sshd
+    frozen_server = start_sshd(tmp_path / "sshd-frozen")
+    try:
+        lab = lab_host(site, 'files = 2\ncommand = ["true"]')
+        lab2 = site / "hosts" / "lab2"
+        shutil.copytree(lab, lab2, symlinks=True)
+        (lab2 / "etc/hostname").write_text("lab2\n")
+        text = (site / "plugins.toml").read_text()
+        text += ('\n[hosts.lab2]\nroot = "hosts/lab2"\nboot = "none"\nnetwork = "none"\nplugins = ["sample"]\n'
+                 '\n[hosts.lab2.plugin.sample]\nfiles = 2\ncommand = ["sleep", "4"]\n')
+        (site / "plugins.toml").write_text(text)
+        over_ssh(site, "lab", sshd)
+        over_ssh(site, "lab2", frozen_server, timeout=3)
+        run = xenrun_ssh(lab, sshd, "setup", "--config", site / "plugins.toml", "--host", "lab,lab2", "--yes",
+                         "--format", "json", env={"XENRUN_FLEET_PROCESSES": "1"}, popen=True)
+        _wait_until(lambda: any(argv == ["sleep", "4"] for _, _, argv in _descendants(frozen_server.process.pid)),
+                    "lab2's command running")
+        pids = [pid for pid, comm, _ in _descendants(frozen_server.process.pid) if comm.startswith("sshd")]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            out, err = run.communicate(timeout=60)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert run.returncode == 1 and "Traceback" not in err, err
+        hosts = {h["host"]: h for h in json.loads(out)["hosts"]}
+        assert hosts["lab"]["report"]["status"] == "applied"
+        assert hosts["lab2"]["report"]["status"] == "unreachable"
+        assert "stopped answering" in hosts["lab2"]["report"]["error"]
+        assert (lab / "etc/xenrun-sample/2").read_text() == "file 2 of lab\n"
+        _wait_until(lambda: _lock_is_free(lab2 / "var/lib/xenrun/lock"), "lab2's old session's lock released")
+        again = xenrun_ssh(lab2, frozen_server, "setup", "--config", site / "plugins.toml", "--host", "lab2", "--yes")
+        assert again.returncode == 0, again.stderr
+        assert (lab2 / "etc/xenrun-sample/2").read_text() == "file 2 of lab2\n"
+    finally:
+        frozen_server.stop()
