@@ -16,6 +16,9 @@ like a third-party plugin. The hooks themselves are documented in
   ``checks.name``, ``checks.boolean``, ...), for declare_settings.
 - ``PlanError``: raise it when a plugin cannot plan for this host (one line, exit 2,
   nothing touched). ``Host.setting_error`` makes the error for a setting's value.
+  Any other exception in a hook is reported as the plugin's fault (exit 3).
+- ``note(text)`` and ``warn(text)``: attach a note or a warning to the plan of the
+  host being planned (shown with the plan, and as ``notes`` in --format json).
 - ``Facts`` (what hooks read), ``Probe`` (what detect_hardware reads through),
   ``Host`` (the host's configuration and settings), ``parsers`` (the pure parsers
   of the core's facts: ``parsers.parse_os_release``, ``parse_shell_vars``, ...).
@@ -36,6 +39,7 @@ from xenrun.config import Host
 from xenrun.domains import DiskSpec, Domain, DomainDisk
 from xenrun.errors import PlanError, TargetError
 from xenrun.facts import Facts, Probe, parse_shell_vars
+from xenrun.hooks import note, warn
 from xenrun.profiles import Profile, boot_files, profile_for
 from xenrun.settings import Setting
 
@@ -46,7 +50,7 @@ __all__ = [
     "Change", "WriteFile", "EnsureLine", "Symlink", "CopyFile", "RemoveFile", "SparseFile", "RunCommand",
     "BootEntry", "DomainDisk", "Domain", "DiskSpec",
     "Setting", "checks",
-    "PlanError", "TargetError",
+    "PlanError", "TargetError", "note", "warn",
     "Facts", "Probe", "Host", "parsers", "parse_shell_vars",
     "Profile", "profile_for", "boot_files",
     *_TESTING,

@@ -8,16 +8,62 @@ plan; ``plugin`` is filled in by the core.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from xenrun.settings import absolute_path
 
+# Every Change checks its own fields when it is made, so that a wrong value is the
+# fault of the plugin that made it (named with its file:line by the core), not a
+# failure at apply time blamed on other changes.
 
-def _path(value: str) -> str:
+
+def _path(value, what: str = "path") -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be an absolute path (a string), got {type(value).__name__} {value!r:.60}")
     try:
         return absolute_path(value)
     except ValueError as e:
-        raise ValueError(f"change path: {e}") from None
+        raise ValueError(f"{what}: {e}") from None
+
+
+def _argv(value, what: str, allow_empty: bool = False) -> tuple[str, ...]:
+    """A list of words, never a shell string (a string would be split into letters)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a list of words such as [\"networkctl\", \"reload\"], not"
+                        f" {type(value).__name__} {value!r:.60}")
+    if not value and not allow_empty:
+        raise ValueError(f"{what} must not be empty")
+    for word in value:
+        if not isinstance(word, str) or "\0" in word:
+            raise TypeError(f"{what}: every word must be a string without NUL, got {word!r:.60}")
+    return tuple(value)
+
+
+def _paths(value, what: str) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a list of absolute paths, not {type(value).__name__} {value!r:.60}"
+                        f" (write [{value!r:.60}] for one)")
+    return tuple(_path(p, what) for p in value)
+
+
+def _mode(value, what: str = "mode") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o7777:
+        raise TypeError(f"{what} must be a file mode such as 0o644, got {value!r:.60}")
+    return value
+
+
+def _validator(value) -> tuple[str, ...]:
+    argv = _argv(value, "validate", allow_empty=True)
+    if argv and "{}" not in argv:
+        raise ValueError(f"validate {list(argv)!r} has no \"{{}}\" word for the file to check")
+    return argv
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -25,6 +71,10 @@ class Change:
     step: str = field(default="", kw_only=True)
     why: str = field(default="", kw_only=True)
     plugin: str = field(default="", kw_only=True)
+
+    def __post_init__(self):
+        for what in ("step", "why", "plugin"):
+            _text(getattr(self, what), f"{type(self).__name__}: {what}")
 
     @property
     def kind(self) -> str:
@@ -43,10 +93,14 @@ class WriteFile(Change):
     validate: tuple[str, ...] = ()
 
     def __post_init__(self):
-        _path(self.path)
+        super().__post_init__()
+        _path(self.path, "WriteFile: path")
         if isinstance(self.content, str):
             object.__setattr__(self, "content", self.content.encode())
-        object.__setattr__(self, "validate", tuple(self.validate))
+        elif not isinstance(self.content, bytes):
+            raise TypeError(f"WriteFile {self.path}: content must be str or bytes, got {type(self.content).__name__}")
+        _mode(self.mode, f"WriteFile {self.path}: mode")
+        object.__setattr__(self, "validate", _validator(self.validate))
 
 
 @dataclass(frozen=True)
@@ -62,10 +116,18 @@ class EnsureLine(Change):
     validate: tuple[str, ...] = ()
 
     def __post_init__(self):
-        _path(self.path)
-        object.__setattr__(self, "validate", tuple(self.validate))
+        super().__post_init__()
+        _path(self.path, "EnsureLine: path")
+        _text(self.line, f"EnsureLine {self.path}: line")
+        _mode(self.mode, f"EnsureLine {self.path}: mode")
+        object.__setattr__(self, "validate", _validator(self.validate))
         if "\n" in self.line:
             raise ValueError("EnsureLine: line must not contain a newline")
+        if self.replace is not None:
+            try:
+                re.compile(_text(self.replace, f"EnsureLine {self.path}: replace"))
+            except re.error as e:
+                raise ValueError(f"EnsureLine {self.path}: replace is not a regular expression: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -76,7 +138,10 @@ class Symlink(Change):
     target: str
 
     def __post_init__(self):
-        _path(self.path)
+        super().__post_init__()
+        _path(self.path, "Symlink: path")
+        if not _text(self.target, f"Symlink {self.path}: target") or "\0" in self.target:
+            raise ValueError(f"Symlink {self.path}: target must be a non-empty path")
 
 
 @dataclass(frozen=True)
@@ -88,7 +153,9 @@ class CopyFile(Change):
     mode: int = 0o644
 
     def __post_init__(self):
-        _path(self.src), _path(self.dest)
+        super().__post_init__()
+        _path(self.src, "CopyFile: src"), _path(self.dest, "CopyFile: dest")
+        _mode(self.mode, f"CopyFile {self.dest}: mode")
 
     @property
     def path(self) -> str:
@@ -102,7 +169,8 @@ class RemoveFile(Change):
     path: str
 
     def __post_init__(self):
-        _path(self.path)
+        super().__post_init__()
+        _path(self.path, "RemoveFile: path")
 
 
 @dataclass(frozen=True)
@@ -116,9 +184,15 @@ class SparseFile(Change):
     mode: int = 0o600
 
     def __post_init__(self):
-        _path(self.path)
+        super().__post_init__()
+        _path(self.path, "SparseFile: path")
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise TypeError(f"SparseFile {self.path}: size must be a number of bytes, got {self.size!r:.60}")
         if self.size <= 0:
             raise ValueError("SparseFile: size must be more than zero")
+        if not isinstance(self.grow, bool):
+            raise TypeError(f"SparseFile {self.path}: grow must be true or false")
+        _mode(self.mode, f"SparseFile {self.path}: mode")
 
 
 @dataclass(frozen=True)
@@ -139,20 +213,20 @@ class RunCommand(Change):
     timeout: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "argv", tuple(self.argv))
-        object.__setattr__(self, "onchange", tuple(self.onchange))
-        object.__setattr__(self, "writes", tuple(self.writes))
+        super().__post_init__()
+        object.__setattr__(self, "argv", _argv(self.argv, "RunCommand: argv"))
+        name = f"RunCommand {self.argv[0]}"
+        object.__setattr__(self, "onchange", _paths(self.onchange, f"{name}: onchange"))
+        object.__setattr__(self, "writes", _paths(self.writes, f"{name}: writes"))
         if self.unless is not None:
-            object.__setattr__(self, "unless", tuple(self.unless))
-        if not self.argv or not all(isinstance(a, str) for a in self.argv):
-            raise ValueError("RunCommand: argv must be a non-empty list of strings")
+            object.__setattr__(self, "unless", _argv(self.unless, f"{name}: unless"))
+        if self.creates is not None:
+            _path(self.creates, f"{name}: creates")
         if self.creates is None and self.unless is None and not self.onchange:
-            raise ValueError(f"RunCommand {self.argv[0]}: give creates, unless or onchange, so a second run can tell it is done")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"RunCommand {self.argv[0]}: timeout must be a positive number of seconds")
-        for p in (self.creates, *self.onchange, *self.writes):
-            if p is not None:
-                _path(p)
+            raise ValueError(f"{name}: give creates, unless or onchange, so a second run can tell it is done")
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or not self.timeout > 0):
+            raise ValueError(f"{name}: timeout must be a positive number of seconds")
 
 
 FILE_CHANGES = (WriteFile, EnsureLine, Symlink, CopyFile, RemoveFile, SparseFile)
@@ -175,3 +249,11 @@ class BootEntry:
     files: dict[str, str]
     fallback: bool = False  # the config has a fallback entry the check may follow
     validate: tuple[str, ...] = ()  # an argv that checks ``config`` ("{}": its path)
+
+    def __post_init__(self):
+        _text(self.kind, "BootEntry: kind"), _text(self.config, "BootEntry: config")
+        _text(self.config_path, "BootEntry: config_path")  # inside the image: relative
+        if not isinstance(self.files, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in self.files.items()):
+            raise TypeError("BootEntry: files must map paths inside the image to host paths (strings)")
+        object.__setattr__(self, "validate", _validator(self.validate))

@@ -1,8 +1,9 @@
 """Every error xenrun raises on purpose, and who raises it.
 
-Errors of the user's making end the run with one line and exit code 2 (nothing was
-touched); a failed apply ends with exit code 1 (after rolling back). Anything else is
-a bug and keeps its traceback.
+Exit codes: 2 for errors of the user's making (one line, nothing was touched); 1 for
+a failed apply (after rolling back); 3 for a plugin's fault (its hook raised or
+returned the wrong thing while planning: nothing was touched). Anything else is a
+bug in xenrun and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -60,3 +61,26 @@ class ApplyError(XenrunError):
     Raised by apply.py."""
 
     exit_code = 1
+
+
+class PluginFault(XenrunError):
+    """A plugin's hook raised an exception, or returned something of the wrong type,
+    while the host was being planned: nothing was touched. Raised by hooks.py.
+
+    The message is one short block: plugin, hook, host, the problem, and the
+    plugin's own file:line; with XENRUN_DEBUG=1 (``--debug``) the traceback too."""
+
+    exit_code = 3
+
+    def __init__(self, plugin: str, hook: str, host: str, problem: str, where: str, detail: str = ""):
+        import os
+        self.plugin, self.hook, self.host, self.problem, self.where = plugin, hook, host, problem, where
+        self.detail = detail
+        text = (f"plugin {plugin!r} failed in hook {hook} (host {host}): {problem}\n"
+                f"  at {where}\n"
+                f"  nothing was changed; this is a fault of the plugin (exit 3)")
+        if os.environ.get("XENRUN_DEBUG") == "1" and detail:
+            text += "\n" + detail.rstrip()
+        elif detail:
+            text += "; --debug or XENRUN_DEBUG=1 shows the traceback"
+        super().__init__(text)

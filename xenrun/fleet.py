@@ -2,7 +2,7 @@
 
 Every host is prepared first, in order, without touching any of them: a bad
 plugins.toml or a bad selection stops the run with exit 2 before anything runs.
-Then each host runs run.setup_prepared on a thread of its own, at most
+Then each host runs the flow (run.setup_prepared, ...) on a thread of its own, at most
 ``parallel`` at a time. Threads because the work is blocking I/O (paramiko) and
 each host has its own SSHTarget, plugin manager and structlog context (contextvars
 are per thread), so nothing is shared between hosts but the log's output.
@@ -13,7 +13,11 @@ status, the others go on.
 - ``failed``: a step of the apply failed; every file it changed was put back
 - ``unreachable``: no SSH session could be opened, or the host stopped answering mid-run
 - ``invalid``: its facts, plan or target refused the run (nothing was touched)
+- ``plugin fault``: a plugin's hook raised, or returned the wrong thing (nothing
+  was touched; the block naming plugin, hook and file:line follows the table)
 - ``error``: anything else (a bug: its traceback is logged)
+
+Every flow runs this way: setup, rollback, promote and facts (``FLOWS``).
 
 Asking before applying (a terminal, no --yes): every host is planned first, all
 the plans are shown and the question asked once; then each host is planned again
@@ -43,7 +47,8 @@ import structlog
 
 from xenrun import run
 from xenrun.config import load_site
-from xenrun.errors import ApplyError, ConfigError, HostLost, TargetError, UsageError
+from xenrun.errors import ApplyError, ConfigError, HostLost, PluginFault, TargetError, UsageError
+from xenrun.facts import Facts
 from xenrun.plan import CHANGE
 from xenrun.settings import name as check_name
 
@@ -51,7 +56,10 @@ log = structlog.get_logger()
 
 DEFAULT_PARALLEL = 10
 HOSTS_PER_PROCESS = 8  # fewer hosts than this per CPU: threads in one process do
-OK = ("applied", "nothing to do", "planned", "not applied")
+OK = ("applied", "nothing to do", "planned", "not applied", "read")
+# flow name -> what runs on one prepared host: (prepared, options, confirm) -> Result or Facts
+FLOWS = {"setup": run.setup_prepared, "rollback": run.rollback_prepared, "promote": run.promote_prepared,
+         "facts": lambda p, _options, _confirm: run.facts_prepared(p)}
 
 
 @dataclass
@@ -65,6 +73,7 @@ class HostRun:
     error: str = ""
     target: str = ""
     round_trips: dict = field(default_factory=dict)
+    facts: dict | None = None  # the facts flow: what was read
 
     @property
     def ok(self) -> bool:
@@ -82,6 +91,13 @@ class Fleet:
     @property
     def ok(self) -> bool:
         return all(r.ok for r in self.runs)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every host ended well; 3 when only plugins' faults stopped hosts
+        (errors.PluginFault); else 1."""
+        bad = {r.status for r in self.runs if not r.ok}
+        return 0 if not bad else 3 if bad == {"plugin fault"} else 1
 
 
 def is_fleet(host: str | None, all_hosts: bool) -> bool:
@@ -138,15 +154,20 @@ def prepare_all(options: run.Options, names: list[str]) -> list[run.Prepared]:
     return prepared
 
 
-def _one(p: run.Prepared, options: run.Options, confirm) -> HostRun:
-    """setup of one host on its thread; every failure becomes its status."""
+def _one(p: run.Prepared, options: run.Options, confirm, flow: str) -> HostRun:
+    """``flow`` on one host, on its thread; every failure becomes its status."""
     started = time.perf_counter()
     target = p.target
     out = HostRun(p.host.name, "error", target=str(target))
     with structlog.contextvars.bound_contextvars(host=p.host.name):
         try:
-            out.result = run.setup_prepared(p, options, confirm)
-            out.status = out.result.status
+            done = FLOWS[flow](p, options, confirm)
+            if isinstance(done, Facts):
+                out.facts, out.status = done.to_json(), "read"
+            else:
+                out.result, out.status = done, done.status
+        except PluginFault as e:
+            out.status, out.error = "plugin fault", str(e)
         except ApplyError as e:
             out.status, out.error = "failed", str(e)
         except TargetError as e:
@@ -169,7 +190,7 @@ def _one(p: run.Prepared, options: run.Options, confirm) -> HostRun:
 
 
 def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, parallel: int,
-             progress) -> list[HostRun]:
+             progress, flow: str = "setup") -> list[HostRun]:
     """Each host on a pool thread (of this process or of a worker process), at most
     ``parallel`` at once; ``progress(done, total, host_run)`` as each finishes.
     Returns runs in the order of ``prepared``."""
@@ -187,12 +208,12 @@ def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, pa
     workers = _processes(len(prepared), parallel)
     log.info("fleet", hosts=len(prepared), parallel=parallel, processes=workers)
     shares = [prepared[i::workers] for i in range(workers)]
-    children = [_fork_worker(share, options, confirm_for, parallel // workers) for share in shares[1:]]
+    children = [_fork_worker(share, options, confirm_for, parallel // workers, flow) for share in shares[1:]]
     readers = [threading.Thread(target=_receive, args=(fd, finished), daemon=True) for _, fd, _ in children]
     for reader in readers:
         reader.start()
     try:
-        _run_threads(shares[0], options, confirm_for, parallel // workers, finished)
+        _run_threads(shares[0], options, confirm_for, parallel // workers, finished, flow)
     finally:
         for (pid, _, share), reader in zip(children, readers):
             _, status = os.waitpid(pid, 0)
@@ -205,11 +226,11 @@ def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, pa
 
 
 def _run_threads(prepared: list[run.Prepared], options: run.Options, confirm_for, parallel: int,
-                 finished) -> None:
+                 finished, flow: str) -> None:
     """Each host on a pool thread of this process, ``finished(host_run)`` as each ends."""
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(prepared))),
                             thread_name_prefix="xenrun-host") as pool:
-        futures = [pool.submit(_one, p, options, confirm_for(p.host.name)) for p in prepared]
+        futures = [pool.submit(_one, p, options, confirm_for(p.host.name), flow) for p in prepared]
         try:
             for future in as_completed(futures):
                 finished(future.result())
@@ -238,7 +259,7 @@ def _processes(hosts: int, parallel: int) -> int:
     return max(1, min(wanted, parallel, hosts))
 
 
-def _fork_worker(share: list[run.Prepared], options: run.Options, confirm_for, parallel: int):
+def _fork_worker(share: list[run.Prepared], options: run.Options, confirm_for, parallel: int, flow: str):
     """A worker process running ``share``; returns (pid, read end of its pipe, share)."""
     sys.stdout.flush()
     sys.stderr.flush()  # nothing buffered here is written twice
@@ -254,7 +275,7 @@ def _fork_worker(share: list[run.Prepared], options: run.Options, confirm_for, p
             def send(r: HostRun) -> None:
                 out.write(_portable(r))
                 out.flush()
-            _run_threads(share, options, confirm_for, parallel, send)
+            _run_threads(share, options, confirm_for, parallel, send, flow)
         code = 0
     except BaseException:  # noqa: BLE001 - the parent reports the hosts left unsent
         pass
@@ -292,9 +313,15 @@ def _signature(result: run.Result) -> list:
     return [(o.change, o.diff) for o in result.outcomes if o.action == CHANGE]
 
 
-def setup(options: run.Options, names: list[str], parallel: int = DEFAULT_PARALLEL, ask=None,
-          progress=None) -> Fleet:
-    """Plan (and unless --dry, apply) every host in ``names``.
+def setup(options: run.Options, names: list[str], **kwargs) -> Fleet:
+    """``run_hosts`` of the setup flow."""
+    return run_hosts(options, names, flow="setup", **kwargs)
+
+
+def run_hosts(options: run.Options, names: list[str], parallel: int = DEFAULT_PARALLEL, ask=None,
+              progress=None, flow: str = "setup") -> Fleet:
+    """Plan (and unless --dry, apply) ``flow`` (setup, rollback, promote; facts only
+    reads) on every host in ``names``.
 
     ``ask(fleet)`` (a terminal, no --yes) is called once with every host's plan and
     returns True to apply them; without it and without --yes nothing is applied.
@@ -304,10 +331,11 @@ def setup(options: run.Options, names: list[str], parallel: int = DEFAULT_PARALL
         raise UsageError(f"--parallel: {parallel} is not a number of hosts (1 or more)")
     started = time.perf_counter()
     prepared = prepare_all(options, names)
-    if options.dry or options.yes:
-        runs = _run_all(prepared, options, lambda _name: None, parallel, progress)
+    if options.dry or options.yes or flow == "facts":
+        runs = _run_all(prepared, options, lambda _name: None, parallel, progress, flow)
         return Fleet(runs, time.perf_counter() - started)
-    planned = _run_all(prepared, dataclasses.replace(options, dry=True), lambda _name: None, parallel, progress)
+    planned = _run_all(prepared, dataclasses.replace(options, dry=True), lambda _name: None, parallel, progress,
+                       flow)
     fleet = Fleet(planned, time.perf_counter() - started)
     if ask is None or not any(r.ok and r.summary()["changed"] for r in planned) or not ask(fleet):
         for r in planned:
@@ -325,6 +353,6 @@ def setup(options: run.Options, names: list[str], parallel: int = DEFAULT_PARALL
         return confirm
 
     again = prepare_all(options, list(shown))  # fresh targets: nothing cached from the first look
-    applied = {r.host: r for r in _run_all(again, options, confirm_for, parallel, progress)}
+    applied = {r.host: r for r in _run_all(again, options, confirm_for, parallel, progress, flow)}
     runs = [applied.get(r.host, r) for r in planned]
     return Fleet(runs, time.perf_counter() - started)

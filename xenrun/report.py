@@ -19,8 +19,8 @@ def _label(change) -> str:
 
 def text(result, show_unchanged: bool = True) -> str:
     out = [f"host {result.host} ({result.target})"]
-    for note in result.notes:
-        out.append(f"  note: {note}")
+    for note in result.notes:  # plugins' warnings read "warning: PLUGIN: ..."
+        out.append(f"  {note}" if note.startswith("warning: ") else f"  note: {note}")
     actions = result.results or [o.action for o in result.outcomes]
     for outcome, action in zip(result.outcomes, actions):
         c = outcome.change
@@ -59,7 +59,7 @@ def as_dict(result) -> dict:
             item["path"] = outcome.path
             item["diff"] = outcome.diff
         plan.append(item)
-    return {"host": result.host, "target": result.target, "plan": plan,
+    return {"host": result.host, "target": result.target, "plan": plan, "notes": result.notes,
             "report": {"status": result.status, "run": result.run, "notes": result.notes},
             "summary": result.summary()}
 
@@ -116,6 +116,8 @@ def fleet_json(fleet) -> str:
             "report": {"status": r.status, "run": None, "notes": []}, "summary": r.summary()}
         item["report"]["status"] = r.status
         item["report"]["error"] = r.error or None
+        if r.facts is not None:
+            item["facts"] = r.facts
         item["seconds"] = round(r.seconds, 3)
         item["round_trips"] = r.round_trips
         hosts.append(item)

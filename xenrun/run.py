@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from xenrun import logs
-from xenrun import registry
+from xenrun import hooks, logs, registry
 from xenrun.apply import (STATE_DIR, Applier, Journal, left_by, owed_commands, read_state, remember_owed,
                           remove_created_folders, rollback_changes, run_ids, still_owed)
 from xenrun.changes import Change
 from xenrun.config import Host, HostSpec, Site, load_site
 from xenrun.errors import TargetError, UsageError
 from xenrun.facts import Facts, Probe
+from xenrun.hooks import HostPlugins
 from xenrun.plan import CHANGE, PENDING, Outcome, assess
 from xenrun.settings import name as check_name
 from xenrun.targets import LocalTarget, Target
@@ -55,8 +55,13 @@ class Prepared:
     site: Site
     spec: HostSpec
     target: Target
-    pm: object
+    plugins: HostPlugins
     host: Host
+
+    @property
+    def pm(self):
+        """The host's pluggy manager (for tests that call a hook directly)."""
+        return self.plugins.pm
 
 
 def prepare(options: Options) -> Prepared:
@@ -88,40 +93,40 @@ def prepare_in(site: Site, options: Options) -> Prepared:
     target = remote or LocalTarget(root or "/", files_only=options.files_only)
     name = options.host or _hostname(target)
     spec = site.host(name)
-    known = set(registry.known_names())
-    for plugin in spec.selected:
-        if plugin not in known:
-            raise site.error(site.selection_origin(name, plugin),
-                             f"unknown plugin {plugin!r} (known: {', '.join(sorted(known))})")
-    pm = registry.plugin_manager(spec.selected)
-    declared: dict = {}
-    for plugin, result in call_each(pm, "declare_settings"):
-        for owner, table in (result or {}).items():
-            if owner in declared:
-                raise UsageError(f"plugin {plugin!r} declares settings for {owner!r}, already declared")
-            declared[owner] = table
-    for plugin, path in site.plugin_tables():
-        if plugin not in known:
-            raise site.error(path, f"unknown plugin (known: {', '.join(sorted(known))})")
-    settings = {p: site.check_settings(name, p, declared.get(p, {})) for p in spec.selected}
-    target.warm_up_with(lambda: warm_up_reads(target, spec.selected))
-    return Prepared(site, spec, target, pm, Host(spec, settings, site))
+    plugins, host = hooks.select(site, spec)
+    if site.file is not None and not spec.configured:
+        plugins.notes.append(f"host {name!r} has no [hosts.{name}] in {site.file}: its [defaults] were used")
+    target.warm_up_with(lambda: warm_up_reads(target, plugins))
+    return Prepared(site, spec, target, plugins, host)
 
 
-def warm_up_reads(target: Target, selected) -> None:
+def with_disk_plugins(p: Prepared, backends) -> Prepared:
+    """``p`` with the disk plugins named by ``backends`` selected too (a domain's
+    disk backend selects its plugin), their settings checked."""
+    extra = [b for b in dict.fromkeys(backends) if b not in p.spec.selected]
+    if not extra:
+        return p
+    spec = dataclasses.replace(p.spec, disks=tuple(p.spec.disks) + tuple(extra))
+    plugins, host = hooks.select(p.site, spec)
+    plugins.notes[:0] = p.plugins.notes
+    return dataclasses.replace(p, spec=spec, plugins=plugins, host=host)
+
+
+def warm_up_reads(target: Target, plugins: HostPlugins) -> None:
     """What a target with a cache (SSH) reads ahead before its first read, when no
     read_ahead came first (facts, rollback): the journal scan of a setup and the
     detect_hardware of the host's plugins, against the cache (their reads then
     cost no round trip each)."""
     target.lstat(f"{STATE_DIR}/lock")  # taken before an apply
     read_state(target)
-    for name in selected:
-        try:
-            detect = getattr(registry.load(name), "detect_hardware", None)
-            if detect is not None:
-                detect(probe=Probe(target))
-        except Exception:  # noqa: BLE001 - choking on placeholders; the real run will tell
-            pass
+    before = len(plugins.notes)
+    try:
+        with logs.quiet():
+            plugins.facts(Probe(target))
+    except Exception:  # noqa: BLE001 - choking on placeholders; the real run will tell
+        pass
+    finally:
+        del plugins.notes[before:]  # the real planning notes them
 
 
 def _hostname(target: Target) -> str:
@@ -133,51 +138,26 @@ def _hostname(target: Target) -> str:
         raise UsageError(f"cannot tell the host's name from {target} /etc/hostname; give --host") from None
 
 
-def call_each(pm, hook: str, **kwargs) -> list[tuple[str, object]]:
-    """Call every implementation of ``hook`` in registration (selection) order, with
-    the plugin's name bound to the log; returns (plugin, result) pairs."""
-    out = []
-    impls = getattr(pm.hook, hook).get_hookimpls()
-    for impl in impls:
-        with structlog.contextvars.bound_contextvars(plugin=impl.plugin_name):
-            out.append((impl.plugin_name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
-    return out
-
-
 def gather_facts(p: Prepared) -> Facts:
-    merged: dict = {}
-    owner: dict = {}
-    for plugin, fragment in call_each(p.pm, "detect_hardware", probe=Probe(p.target)):
-        if fragment is None:
-            continue
-        if not isinstance(fragment, dict):
-            raise UsageError(f"plugin {plugin!r}: detect_hardware returned {type(fragment).__name__}, not a dict")
-        for key, value in fragment.items():
-            if key in merged:
-                raise UsageError(f"plugins {owner[key]!r} and {plugin!r} both answer the fact {key!r}")
-            merged[key], owner[key] = value, plugin
-    return Facts(merged)
-
-
-def _changes(plugin: str, hook: str, result) -> list[Change]:
-    if result is None:
-        return []
-    if not isinstance(result, list) or not all(isinstance(c, Change) for c in result):
-        raise UsageError(f"plugin {plugin!r}: {hook} must return a list of Changes, got {result!r:.80}")
-    return [dataclasses.replace(c, plugin=plugin) for c in result]
+    return p.plugins.facts(Probe(p.target))
 
 
 def make_plan(p: Prepared, facts: Facts) -> list[Change]:
-    changes: list[Change] = []
-    for plugin, result in call_each(p.pm, "configure_host", facts=facts, host=p.host):
-        changes += _changes(plugin, "configure_host", result)
-    xen_options = xen_options_of(p, facts)
-    for hook, kwargs in (("configure_boot", {"xen_options": xen_options}), ("configure_network", {})):
-        for plugin, result in call_each(p.pm, hook, facts=facts, host=p.host, **kwargs):
-            if result is not None:  # first result wins
-                changes += _changes(plugin, hook, result)
-                break
+    changes = p.plugins.host_changes(facts, p.host)
+    changes += p.plugins.boot_changes(facts, p.host, p.plugins.xen_options(facts, p.host))
+    changes += p.plugins.network_changes(facts, p.host)
     return changes
+
+
+@dataclass
+class Plan:
+    """What a flow's ``make()`` returns: the Changes, notes for the user, and for
+    a rollback the run it takes back."""
+
+    changes: list[Change]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    rollback_of: str | None = None
+    takes_back: bool = False  # a rollback: the commands owed are not this plan's to carry out
 
 
 def summary(outcomes: list[Outcome], results: list[str] | None = None) -> dict:
@@ -217,6 +197,98 @@ class Result:
         return summary(self.outcomes, self.results)
 
 
+def read_ahead(p: Prepared, make) -> None:
+    """On an SSH host: run the whole read side of a run (xenrun's state, every
+    plugin's facts, ``make()``'s plan and its assessment) against
+    the target's cache, quietly, fetching what it asks for in bulk, a round per
+    level of reads that depend on others; facts and plan then take no round trip
+    of their own. Elsewhere nothing."""
+    def reads():
+        with logs.quiet():
+            before = len(p.plugins.notes)
+            p.target.lstat(f"{STATE_DIR}/lock")  # taken before an apply
+            read_state(p.target)
+            assess(make(), p.target, owed_commands(p.target))
+            del p.plugins.notes[before:]  # the real planning notes them
+    p.target.read_ahead(reads)
+
+
+def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", finish=None) -> Result:
+    """The one plan-lock-apply of every flow (setup, promote, rollback, the domain
+    tasks, xenrun.testing): assess ``make()`` (a Plan, or (changes, notes)) and
+    show it (--dry), or apply it under the target's lock.
+
+    The plan is made first without the lock, so a run that is refused or has
+    nothing to do leaves no trace on the target; then, under the lock, an
+    interrupted run is undone (and the plan made again), and the plan applied.
+    ``kind`` names the run in its journal; ``finish(result, plan)`` runs under the
+    lock after an apply (a rollback's own bookkeeping)."""
+    with structlog.contextvars.bound_contextvars(host=p.host.name):
+        plan = _planned(p, make)
+        owed = owed_commands(p.target)
+        outcomes = assess(plan.changes, p.target, owed)
+        stop = blocked(outcomes, p.target)
+        interrupted = interrupted_runs(p.target)
+        if options.dry:
+            plan.notes += [f"an interrupted run ({r}) will be undone first by the next apply" for r in interrupted]
+            return Result(p.host.name, str(p.target), outcomes, "planned", notes=plan.notes + ([stop] if stop else []))
+        if stop:
+            raise TargetError(stop)
+        if not interrupted and not _to_do(plan, outcomes, owed):
+            return Result(p.host.name, str(p.target), outcomes, "nothing to do", notes=plan.notes)
+        applier = Applier(p.target, p.host.name, log, kind=kind)
+        applier.lock()
+        try:
+            recovered = applier.recover()
+            if recovered:
+                plan = _planned(p, make)
+            owed = owed_commands(p.target)
+            outcomes = assess(plan.changes, p.target, owed)  # again, under the lock
+            if stop := blocked(outcomes, p.target):
+                raise TargetError(stop)
+            result = Result(p.host.name, str(p.target), outcomes, "planned",
+                            notes=[f"undid interrupted run {r}" for r in recovered] + plan.notes)
+            if not _to_do(plan, outcomes, owed):
+                if not plan.takes_back:
+                    remember_owed(p.target, owed, still_owed(outcomes, owed))
+                result.status = "nothing to do"
+                return result
+            if not options.yes and not confirm(result):
+                result.status = "not applied"
+                return result
+            if plan.rollback_of:
+                applier = Applier(p.target, p.host.name, log, kind=kind, rollback_of=plan.rollback_of)
+            done = applier.apply(outcomes)
+            if not plan.takes_back:  # a rollback's finish drops what its run left instead
+                remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]), done["run"])
+            result.status, result.run, result.results = "applied", done["run"], done["results"]
+            if finish:
+                finish(result, plan)
+            return result
+        finally:
+            applier.unlock()
+
+
+def _planned(p: Prepared, make) -> Plan:
+    """``make()`` as a Plan, its notes after those the host had before (plugins'
+    notes of this planning only: a plan made again under the lock notes once)."""
+    before = len(p.plugins.notes)
+    made = make()
+    plan = made if isinstance(made, Plan) else Plan(list(made[0]), list(made[1]))
+    fresh = p.plugins.notes[before:]
+    del p.plugins.notes[before:]
+    plan.notes = p.plugins.notes + fresh + plan.notes
+    return plan
+
+
+def _to_do(plan: Plan, outcomes, owed) -> bool:
+    """Whether applying would change anything: a change, a command owed that this
+    plan carries out, or a rollback to record (even with nothing to put back, so
+    that the next rollback goes one run further)."""
+    return (plan.rollback_of is not None or any(o.action == CHANGE for o in outcomes)
+            or not plan.takes_back and still_owed(outcomes, owed) != owed)
+
+
 def setup(options: Options, confirm) -> Result:
     """Plan (and unless --dry, apply) one host. ``confirm(result)`` is asked before
     applying when --yes was not given; it returns True to go on."""
@@ -227,115 +299,45 @@ def setup_prepared(p: Prepared, options: Options, confirm) -> Result:
     """``setup`` of a host already prepared (a fleet prepares every host first, so
     that a bad configuration stops the run before any host is touched)."""
     read_ahead(p, lambda: make_plan(p, gather_facts(p)))
-    return execute(p, lambda: (make_plan(p, gather_facts(p)), []), options, confirm)
-
-
-def read_ahead(p: Prepared, make) -> None:
-    """On an SSH host: run the whole read side of a run (xenrun's state, every
-    plugin's facts, ``make()``'s plan and its assessment) against
-    the target's cache, quietly, fetching what it asks for in bulk, a round per
-    level of reads that depend on others; facts and plan then take no round trip
-    of their own. Elsewhere nothing."""
-    def reads():
-        with logs.quiet():
-            p.target.lstat(f"{STATE_DIR}/lock")  # taken before an apply
-            read_state(p.target)
-            assess(make(), p.target, owed_commands(p.target))
-    p.target.read_ahead(reads)
-
-
-def execute(p: Prepared, make, options: Options, confirm, notes_first=()) -> Result:
-    """Assess ``make()`` -> (changes, notes) and show it (--dry), or apply it under
-    the target's lock. Used by setup and the domain tasks alike.
-
-    The plan is made first without the lock, so a run that is refused or has
-    nothing to do leaves no trace on the target; then, under the lock, an
-    interrupted run is undone (and the plan made again), and the plan applied."""
-    with structlog.contextvars.bound_contextvars(host=p.host.name):
-        changes, notes = make()
-        notes = list(notes_first) + list(notes)
-        owed = owed_commands(p.target)
-        outcomes = assess(changes, p.target, owed)
-        stop = blocked(outcomes, p.target)
-        interrupted = interrupted_runs(p.target)
-        if options.dry:
-            notes += [f"an interrupted run ({r}) will be undone first by the next apply" for r in interrupted]
-            return Result(p.host.name, str(p.target), outcomes, "planned", notes=notes + ([stop] if stop else []))
-        if stop:
-            raise TargetError(stop)
-        if not interrupted and not any(o.action == CHANGE for o in outcomes) and \
-                still_owed(outcomes, owed) == owed:
-            return Result(p.host.name, str(p.target), outcomes, "nothing to do", notes=notes)
-        applier = Applier(p.target, p.host.name, log)
-        applier.lock()
-        try:
-            recovered = applier.recover()
-            if recovered:
-                changes, notes = make()
-                notes = list(notes_first) + list(notes)
-            owed = owed_commands(p.target)
-            outcomes = assess(changes, p.target, owed)  # again, under the lock
-            if stop := blocked(outcomes, p.target):
-                raise TargetError(stop)
-            result = Result(p.host.name, str(p.target), outcomes, "planned",
-                            notes=[f"undid interrupted run {r}" for r in recovered] + notes)
-            if not any(o.action == CHANGE for o in outcomes):
-                remember_owed(p.target, owed, still_owed(outcomes, owed))
-                result.status = "nothing to do"
-                return result
-            if not options.yes and not confirm(result):
-                result.status = "not applied"
-                return result
-            done = applier.apply(outcomes)
-            remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]), done["run"])
-            result.status, result.run, result.results = "applied", done["run"], done["results"]
-            return result
-        finally:
-            applier.unlock()
+    return execute(p, lambda: Plan(make_plan(p, gather_facts(p))), options, confirm)
 
 
 def rollback(options: Options, confirm) -> Result:
     """Put back the originals of the last committed run (one run per call)."""
-    p = prepare(options)
-    with structlog.contextvars.bound_contextvars(host=p.host.name):
-        applier = Applier(p.target, p.host.name, log)
-        if not options.dry:
-            applier.lock()
-        try:
-            recovered = [] if options.dry else applier.recover()
-            run_id, changes = rollback_changes(p.target)
-            outcomes = assess(changes, p.target)
-            result = Result(p.host.name, str(p.target), outcomes, "planned",
-                            notes=[f"undid interrupted run {r}" for r in recovered]
-                            + ([f"rolling back run {run_id}"] if run_id else ["no run to roll back"]))
-            if options.dry or run_id is None:
-                return result
-            if not options.yes and not confirm(result):
-                result.status = "not applied"
-                return result
-            done = Applier(p.target, p.host.name, log, kind="rollback", rollback_of=run_id).apply(outcomes)
-            remove_created_folders(p.target, run_id)
-            owed, dropped = owed_commands(p.target), left_by(p.target, run_id)
-            if dropped:  # what that run left for the host follows files that are back as they were
-                remember_owed(p.target, owed, owed - dropped)
-                result.notes += [f"no longer left for the host (run {run_id} is rolled back): {' '.join(argv)}"
-                                 for argv in sorted(dropped)]
-            if done["run"] is None:  # nothing differed: record the rollback all the same
-                j = Journal(p.target, f"{run_id}-rb")
-                p.target.makedirs(j.folder)
-                j.write(op="begin", kind="rollback", rollback_of=run_id)
-                j.write(op="commit")
-            result.status, result.run, result.results = "applied", done["run"], done["results"]
-            return result
-        finally:
-            if not options.dry:
-                applier.unlock()
+    return rollback_prepared(prepare(options), options, confirm)
+
+
+def rollback_prepared(p: Prepared, options: Options, confirm) -> Result:
+    def make() -> Plan:
+        run_id, changes = rollback_changes(p.target)
+        return Plan(changes, [f"rolling back run {run_id}"] if run_id else ["no run to roll back"], run_id,
+                    takes_back=True)
+
+    def finish(result: Result, plan: Plan) -> None:
+        run_id = plan.rollback_of
+        remove_created_folders(p.target, run_id)
+        owed, dropped = owed_commands(p.target), left_by(p.target, run_id)
+        if dropped:  # what that run left for the host follows files that are back as they were
+            remember_owed(p.target, owed, owed - dropped)
+            result.notes += [f"no longer left for the host (run {run_id} is rolled back): {' '.join(argv)}"
+                             for argv in sorted(dropped)]
+        if result.run is None:  # nothing differed: record the rollback all the same
+            j = Journal(p.target, f"{run_id}-rb")
+            p.target.makedirs(j.folder)
+            j.write(op="begin", kind="rollback", rollback_of=run_id)
+            j.write(op="commit")
+
+    return execute(p, make, options, confirm, kind="rollback", finish=finish)
 
 
 def facts(options: Options) -> tuple[str, Facts]:
     p = prepare(options)
+    return p.host.name, facts_prepared(p)
+
+
+def facts_prepared(p: Prepared) -> Facts:
     with structlog.contextvars.bound_contextvars(host=p.host.name):
-        return p.host.name, gather_facts(p)
+        return gather_facts(p)
 
 
 def plugin_table(options: Options) -> list[dict]:
@@ -350,10 +352,10 @@ def plugin_table(options: Options) -> list[dict]:
         source = "builtin" if name in registry.BUILTIN else f"entry point {third[name].value}"
         try:
             module = registry.load(name)
-            hooks = [h for h in registry.hook_names() if hasattr(module, h)]
+            implemented = [h for h in registry.hook_names() if hasattr(module, h)]
         except UsageError as e:
-            hooks = [f"(failed to load: {e})"]
-        rows.append({"name": name, "source": source, "hooks": hooks, "selected": name in selected})
+            implemented = [f"(failed to load: {e})"]
+        rows.append({"name": name, "source": source, "hooks": implemented, "selected": name in selected})
     return rows
 
 
@@ -361,7 +363,8 @@ def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
 
-__all__ = ["Options", "setup", "setup_prepared", "rollback", "facts", "plugin_table", "STATE_DIR"]
+__all__ = ["Options", "Plan", "execute", "setup", "setup_prepared", "rollback", "rollback_prepared", "promote",
+           "promote_prepared", "facts", "facts_prepared", "plugin_table", "STATE_DIR"]
 
 
 # Serial consoles for boot-check: Xen on COM1 (QEMU's stdio), dom0 on Xen's hvc0.
@@ -371,10 +374,7 @@ UNTIL = {"kernel": "dom0 kernel", "userspace": "hypervisor=xen"}
 
 
 def xen_options_of(p: Prepared, facts: Facts) -> list[str]:
-    options: list[str] = []
-    for _plugin, result in call_each(p.pm, "xen_options", facts=facts, host=p.host):
-        options += list(result or [])
-    return options
+    return p.plugins.xen_options(facts, p.host)
 
 
 @dataclass
@@ -404,12 +404,7 @@ def boot_check(options: Options, until: str = "kernel", progress=None, timeout: 
         facts = gather_facts(p)
         planned = xen_options_of(p, facts)
         xen_options = planned + [o for o in CHECK_XEN_OPTIONS if o not in planned]
-        entry = None
-        for _plugin, result in call_each(p.pm, "boot_entry", facts=facts, host=p.host, xen_options=xen_options,
-                                         linux_options=CHECK_LINUX_OPTIONS):
-            if result is not None:
-                entry = result
-                break
+        entry = p.plugins.boot_entry(facts, p.host, xen_options, CHECK_LINUX_OPTIONS)
         if entry is None:
             raise UsageError(f"{p.host.name}: boot-check needs a boot plugin (boot = {p.spec.boot!r} in plugins.toml)")
         missing = bootcheck.missing_tools(entry.kind)
@@ -458,40 +453,23 @@ def boot_check(options: Options, until: str = "kernel", progress=None, timeout: 
 def promote(options: Options, confirm) -> Result:
     """Make Xen the default boot entry, only on a host that runs as Domain-0
     (S15: `xl list` shows it), through the boot plugin's promote_xen."""
-    p = prepare(options)
+    return promote_prepared(prepare(options), options, confirm)
+
+
+def promote_prepared(p: Prepared, options: Options, confirm) -> Result:
     with structlog.contextvars.bound_contextvars(host=p.host.name):
         facts = gather_facts(p)
         if not options.dry:
-            if not facts.xen_dom0:
-                raise UsageError(f"{p.host.name}: not running as Xen's Domain-0 (/proc/xen/capabilities);"
-                                 " reboot into Xen first (setup boots it once), then promote")
-            listing = p.target.run(("xl", "list"), timeout=60)
-            if listing.rc != 0 or not re.search(r"^Domain-0\s", listing.stdout, re.M):
-                raise UsageError(f"{p.host.name}: `xl list` does not show Domain-0 (S15, S24): "
-                                 f"{(listing.stderr or listing.stdout).strip()[:200]}")
-        changes: list[Change] = []
-        for plugin, result in call_each(p.pm, "promote_xen", facts=facts, host=p.host):
-            if result is not None:
-                changes = _changes(plugin, "promote_xen", result)
-                break
-        outcomes = assess(changes, p.target)
-        result = Result(p.host.name, str(p.target), outcomes, "planned")
-        stop = blocked(outcomes, p.target)
-        if options.dry or not any(o.action == CHANGE for o in outcomes):
-            result.status = "planned" if options.dry else "nothing to do"
-            if stop:
-                result.notes.append(stop)
-            return result
-        if stop:
-            raise TargetError(stop)
-        if not options.yes and not confirm(result):
-            result.status = "not applied"
-            return result
-        applier = Applier(p.target, p.host.name, log, kind="promote")
-        applier.lock()
-        try:
-            done = applier.apply(outcomes)
-        finally:
-            applier.unlock()
-        result.status, result.run, result.results = "applied", done["run"], done["results"]
-        return result
+            _check_dom0(p, facts)
+    return execute(p, lambda: Plan(p.plugins.promote_changes(gather_facts(p), p.host)), options, confirm,
+                   kind="promote")
+
+
+def _check_dom0(p: Prepared, facts: Facts) -> None:
+    if not facts.xen_dom0:
+        raise UsageError(f"{p.host.name}: not running as Xen's Domain-0 (/proc/xen/capabilities);"
+                         " reboot into Xen first (setup boots it once), then promote")
+    listing = p.target.run(("xl", "list"), timeout=60)
+    if listing.rc != 0 or not re.search(r"^Domain-0\s", listing.stdout, re.M):
+        raise UsageError(f"{p.host.name}: `xl list` does not show Domain-0 (S15, S24): "
+                         f"{(listing.stderr or listing.stdout).strip()[:200]}")

@@ -11,19 +11,14 @@ import sys
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from xenrun import fleet, logs, report, run
+from xenrun import domain_tasks, fleet, logs, report, run, taskhelp
 from xenrun.config import load_site
-from xenrun.errors import XenrunError
 
-HELP = {
-    "root": "a machine's root in a folder instead of this machine",
-    "host": "the host's name in plugins.toml (default: the target's /etc/hostname)",
-    "config": "the site's plugins.toml (default: ./plugins.toml)",
-    "dry": "show the plan (diffs and commands) and change nothing",
-    "yes": "apply without asking",
-    "files_only": "with --root: write the files, list the commands left for the host",
-    "format": "text (default) or json",
-}
+HELP = {**taskhelp.HELP,
+        "host": taskhelp.HELP["host"] + "; several: a,b,c or @GROUP ([groups] in plugins.toml)",
+        "all": "every host in plugins.toml, in parallel",
+        "parallel": f"hosts at once with --all or several --host (default {fleet.DEFAULT_PARALLEL})"}
+_guard, _plan_only, _show = taskhelp.guard, taskhelp.plan_only, taskhelp.show
 
 
 def _help(*names: str) -> dict:
@@ -34,60 +29,35 @@ def _options(**kw) -> run.Options:
     return run.Options(**kw)
 
 
-def _guard(fn):
-    """Run ``fn``; XenrunError -> one line on stderr and its exit code."""
-    try:
-        return fn()
-    except XenrunError as e:
-        raise Exit(f"xenrun: {e}", code=e.exit_code) from None
+_MANY = ("root", "host", "config", "dry", "yes", "files_only", "format", "all", "parallel")
 
 
-def _can_ask() -> bool:
-    return sys.stdin.isatty() and sys.stdout.isatty()
+def _one_or_many(flow: str, single, root, host, config, dry, yes, files_only, fmt, all_hosts, parallel) -> None:
+    """A flow on one host (``single(options)`` -> Result), or on several hosts
+    (--all, --host a,b,@group) through the fleet: each isolated, a table at the end."""
+    logs.configure()
+    if fleet.is_fleet(host, all_hosts):
+        return _fleet(flow, root, host, config, dry, yes, files_only, fmt, all_hosts, parallel)
+    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
+                                   files_only=files_only, format=fmt))
+    _show(_guard(lambda: single(opts)), fmt)
 
 
-def _plan_only(dry: bool, yes: bool) -> bool:
-    """Without --yes and without a terminal to ask on, only plan (as --dry)."""
-    if not dry and not yes and not _can_ask():
-        print("Not applied: no terminal to ask on; give --yes to apply. Showing the plan only.", file=sys.stderr)
-        return True
-    return dry
-
-
-def _confirm(fmt: str):
-    def ask(result) -> bool:
-        sys.stdout.write(report.text(result))
-        answer = input(f"Apply {result.summary()['changed']} change(s) to {result.host}? [y/N] ")
-        return answer.strip().lower() in ("y", "yes")
-    return ask
-
-
-def _show(result, fmt: str) -> None:
-    sys.stdout.write(report.as_json(result) if fmt == "json" else report.text(result))
-
-
-@task(auto_shortflags=False, help={
-    **HELP, "host": HELP["host"] + "; several: a,b,c or @GROUP ([groups] in plugins.toml)",
-    "all": "every host in plugins.toml, in parallel", "parallel": "hosts at once with --all or several --host"
-    f" (default {fleet.DEFAULT_PARALLEL})"})
+@task(auto_shortflags=False, help=_help(*_MANY))
 def setup(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text",
           all=False, parallel=fleet.DEFAULT_PARALLEL):
     """Make this host (or --root, or --host, or --all hosts) a Xen dom0: facts, plan, apply."""
-    logs.configure()
-    if fleet.is_fleet(host, all):
-        return _setup_fleet(root, host, config, dry, yes, files_only, format, all, parallel)
-    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
-                                   files_only=files_only, format=format))
-    result = _guard(lambda: run.setup(opts, _confirm(format)))
-    _show(result, format)
+    _one_or_many("setup", lambda o: run.setup(o, taskhelp.confirm), root, host, config, dry, yes, files_only,
+                 format, all, parallel)
 
 
-def _setup_fleet(root, host, config, dry, yes, files_only, fmt, all_hosts, parallel) -> None:
-    """setup on many hosts: progress on stderr, plans (--dry) and the table or JSON on
-    stdout; exit 1 when any host did not end well, 2 when nothing could start."""
+def _fleet(flow, root, host, config, dry, yes, files_only, fmt, all_hosts, parallel) -> None:
+    """A flow on many hosts: progress on stderr, plans (--dry) and the table or JSON
+    on stdout; exit 1 when any host did not end well (3 when only plugins' faults
+    stopped them), 2 when nothing could start."""
     if root:
         raise Exit("xenrun: --root names one machine; not with --all or several hosts", code=2)
-    dry = _plan_only(dry, yes)
+    dry = flow != "facts" and _plan_only(dry, yes)
     opts = _guard(lambda: _options(config=config, dry=dry, yes=yes, files_only=files_only, format=fmt))
     names = _guard(lambda: fleet.select(load_site(config), host, all_hosts))
 
@@ -102,32 +72,51 @@ def _setup_fleet(root, host, config, dry, yes, files_only, fmt, all_hosts, paral
         changes = sum(r.summary()["changed"] for r in hosts)
         return input(f"Apply {changes} change(s) to {len(hosts)} host(s)? [y/N] ").strip().lower() in ("y", "yes")
 
-    result = _guard(lambda: fleet.setup(opts, names, parallel=int(parallel), ask=ask, progress=progress))
-    sys.stdout.write(report.fleet_json(result) if fmt == "json" else report.fleet_text(result, plans=dry))
-    if not result.ok:
-        raise Exit(code=1)
+    result = _guard(lambda: fleet.run_hosts(opts, names, parallel=_parallel(parallel), ask=ask, progress=progress,
+                                            flow=flow))
+    if fmt == "json":
+        sys.stdout.write(report.fleet_json(result))
+    else:
+        if flow == "facts":
+            for r in result.runs:
+                if r.facts is not None:
+                    _print_facts(r.host, r.facts)
+        sys.stdout.write(report.fleet_text(result, plans=dry))
+    if result.exit_code:
+        raise Exit(code=result.exit_code)
 
 
-@task(auto_shortflags=False, help=_help("root", "host", "config", "dry", "yes", "format"))
-def rollback(c, root=None, host=None, config=None, dry=False, yes=False, format="text"):
+def _parallel(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Exit(f"xenrun: --parallel: {value!r} is not a number of hosts", code=2) from None
+
+
+@task(auto_shortflags=False, help=_help(*_MANY))
+def rollback(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text",
+             all=False, parallel=fleet.DEFAULT_PARALLEL):
     """Put back the files of the last applied run (once more to go further back)."""
-    logs.configure()
-    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
-                                   format=format))
-    result = _guard(lambda: run.rollback(opts, _confirm(format)))
-    _show(result, format)
+    _one_or_many("rollback", lambda o: run.rollback(o, taskhelp.confirm), root, host, config, dry, yes, files_only,
+                 format, all, parallel)
 
 
-@task(auto_shortflags=False, help=_help("root", "host", "config", "format"))
-def facts(c, root=None, host=None, config=None, format="text"):
+@task(auto_shortflags=False, help=_help("root", "host", "config", "format", "all", "parallel"))
+def facts(c, root=None, host=None, config=None, format="text", all=False, parallel=fleet.DEFAULT_PARALLEL):
     """Show what xenrun detects on the host (steps S1 to S5)."""
     logs.configure()
+    if fleet.is_fleet(host, all):
+        return _fleet("facts", root, host, config, False, False, False, format, all, parallel)
     opts = _guard(lambda: _options(root=root, host=host, config=config, format=format))
     name, found = _guard(lambda: run.facts(opts))
     data = found.to_json()
     if format == "json":
         print(json.dumps({"host": name, "facts": data}, indent=2))
         return
+    _print_facts(name, data)
+
+
+def _print_facts(name: str, data: dict) -> None:
     print(f"host {name}")
     skip = {"cpu_flags", "packages", "fstab"}
     for key in sorted(data):
@@ -177,17 +166,13 @@ def boot_check(c, root=None, host=None, config=None, format="text", until="kerne
         raise Exit(code=1)
 
 
-@task(auto_shortflags=False, help=_help("root", "host", "config", "dry", "yes", "files_only", "format"))
-def promote(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text"):
+@task(auto_shortflags=False, help=_help(*_MANY))
+def promote(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text",
+            all=False, parallel=fleet.DEFAULT_PARALLEL):
     """Make Xen the default boot entry once `xl list` shows Domain-0 (S10, S15)."""
-    logs.configure()
-    opts = _guard(lambda: _options(root=root, host=host, config=config, dry=_plan_only(dry, yes), yes=yes,
-                                   files_only=files_only, format=format))
-    result = _guard(lambda: run.promote(opts, _confirm(format)))
-    _show(result, format)
+    _one_or_many("promote", lambda o: run.promote(o, taskhelp.confirm), root, host, config, dry, yes, files_only,
+                 format, all, parallel)
 
 
 ns = Collection(setup, rollback, facts, plugins, boot_check, promote)
-
-from xenrun import domain_tasks  # noqa: E402
 ns.add_collection(domain_tasks.ns, "domain")

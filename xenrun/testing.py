@@ -8,10 +8,7 @@ site in-process, without the command line.
 
 from __future__ import annotations
 
-import structlog
-
 from xenrun import run
-from xenrun.apply import Applier
 from xenrun.changes import Change
 from xenrun.facts import Facts
 from xenrun.plan import Outcome, assess
@@ -37,12 +34,11 @@ def plan_host(config, host: str, **kw) -> tuple[Facts, list[Outcome]]:
 
 
 def apply_host(config, host: str, **kw) -> dict:
-    """Plan and apply (as `xenrun setup --yes`); returns the applier's report."""
+    """Plan and apply as `xenrun setup --yes` does (the same plan-lock-apply, so an
+    interrupted run is undone first); returns {"run": run id or None, "results":
+    one action per planned change}."""
     p = prepared(config, host, **kw)
-    outcomes = assess(run.make_plan(p, run.gather_facts(p)), p.target)
-    applier = Applier(p.target, p.host.name, structlog.get_logger())
-    applier.lock()
-    try:
-        return applier.apply(outcomes)
-    finally:
-        applier.unlock()
+    result = run.execute(p, lambda: run.Plan(run.make_plan(p, run.gather_facts(p))),
+                         run.Options(yes=True, files_only=p.target.files_only), lambda _result: True)
+    return {"run": result.run, "results": result.results or [o.action for o in result.outcomes],
+            "status": result.status, "notes": result.notes}

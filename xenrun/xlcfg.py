@@ -409,6 +409,16 @@ def without_install(text: str) -> str:
     return "".join(out)
 
 
+def disk_target(disk: str) -> str | None:
+    """The path an xl disk spec points at: ``target=`` of the key=value form, or
+    the first field of the positional form (without its ``file:``/``phy:`` prefix)."""
+    parts = [p.strip() for p in str(disk).split(",")]
+    if "=" in parts[0]:
+        return spec_pairs(disk).get("target") or None
+    first = parts[0]
+    return first.split(":", 1)[1] if ":" in first else first or None
+
+
 def _read_only(disk: object) -> bool:
     parts = [p.strip() for p in str(disk).split(",")]
     if "=" in parts[0]:

@@ -8,12 +8,8 @@ handed to the boot plugin. Warns for S1 (no vmx/svm) and S4 (VirtualBox)."""
 
 from __future__ import annotations
 
-import structlog
-
 from xenrun.api import (hookimpl, checks as check, EnsureLine, RemoveFile, RunCommand, Symlink, PlanError,
-                        profile_for, Setting)
-
-log = structlog.get_logger()
+                        profile_for, Setting, warn)
 XENFS_LINE = "none /proc/xen xenfs defaults 0 0"
 UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 AUR_HELPERS = ("paru", "yay")
@@ -73,9 +69,9 @@ def configure_host(facts, host):
     s = host.settings["xen"]
     profile = profile_for(facts)
     if not facts.xen_running and not facts.hvm:
-        log.warning("no vmx or svm in /proc/cpuinfo: only PV guests will run (S1)")
+        warn("no vmx or svm in /proc/cpuinfo: only PV guests will run (S1)")
     for other in facts.other_hypervisors:
-        log.warning(f"{other} is installed: running it beside Xen can freeze the machine (S4)")
+        warn(f"{other} is installed: running it beside Xen can freeze the machine (S4)")
     changes = []
     if profile.xen_package not in facts.packages:
         changes.append(_install(facts, s, profile, host))
