@@ -90,7 +90,7 @@ def prepare_in(site: Site, options: Options) -> Prepared:
             keys = {"key_filename": str(spec.identity), "look_for_keys": False, "allow_agent": False} \
                 if spec.identity else {}
             remote = SSHTarget(spec.address, root=str(spec.root) if spec.root else None,  # connects on first use
-                               files_only=options.files_only, connect_kwargs=keys)
+                               files_only=options.files_only, connect_kwargs=keys, timeout=spec.timeout)
         elif spec.root is not None:
             root = str(spec.root)
     if root is not None:
