@@ -30,7 +30,7 @@ def xenrun(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
 
 def _untimed(text: str) -> str:
     # a fleet prints hosts as they end: compare the lines, not their order
-    return sorted(re.sub(r"\d+(\.\d+)? s\b", "N s", text).splitlines())
+    return sorted(re.sub(r"\d+\.\d+( s\b)?", "N", text).splitlines())
 
 
 def test_console_script_is_installed():
@@ -167,3 +167,23 @@ def test_invoke_setup_in_a_site_folder_still_works(site):
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert tree_hash(site) != before
+
+
+def test_plugins_lists_each_plugins_settings(site, sample_plugin):
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(sample_plugin), os.environ.get("PYTHONPATH")]))}
+    r = xenrun("plugins", "--config", site / "plugins.toml", "--host", "arch-grub", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert '    [plugin.netctl] address: the bridge\'s address with prefix (ip = "static")' in lines
+    assert '        e.g. address = "192.168.1.10/24"' in lines
+    assert any(line.startswith('    [plugin.netctl] bridge (default "xenbr0"): ') for line in lines)
+    assert '    [plugin.sample] motd (default "xen-host"): a word written to /etc/motd' in lines
+    r = xenrun("plugins", "--config", site / "plugins.toml", "--host", "arch-grub", "--format", "json", env=env)
+    rows = {row["name"]: row for row in __import__("json").loads(r.stdout)}
+    from xenrun.plugins import netctl
+    declared = netctl.declare_settings()["netctl"]
+    assert set(rows["netctl"]["settings"]["netctl"]) == set(declared)
+    assert rows["netctl"]["settings"]["netctl"]["address"]["examples"] == list(declared["address"].examples)
+    assert rows["sample"]["settings"]["sample"]["files"] == {"default": 1, "examples": [],
+                                                            "help": "how many /etc/xenrun-sample/N files to write"}
+    assert rows["facts"]["settings"] == {}

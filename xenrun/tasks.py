@@ -132,11 +132,24 @@ def plugins(c, root=None, host=None, config=None, format="text"):
     opts = _guard(lambda: _options(root=root, host=host, config=config, format=format))
     rows = run.plugin_table(opts)
     if format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=str))
         return
     for r in rows:
         mark = "*" if r["selected"] else " "
         print(f"{mark} {r['name']:<10} {r['source']:<30} {', '.join(r['hooks'])}")
+        _print_settings(r["settings"])
+
+
+def _print_settings(declared: dict) -> None:
+    if "error" in declared:
+        print(f"    settings: {declared['error']}")
+        return
+    for section, keys in declared.items():
+        for key, s in keys.items():
+            default = "" if s["default"] is None else f" (default {json.dumps(s['default'], default=str)})"
+            print(f"    [plugin.{section}] {key}{default}: {s['help'] or 'no help given'}")
+            if s["examples"]:
+                print(f"        e.g. {'; '.join(f'{key} = {json.dumps(e, default=str)}' for e in s['examples'])}")
 
 
 @task(auto_shortflags=False, help={**_help("root", "host", "config", "format"),
