@@ -96,6 +96,8 @@ def ensure_venv() -> None:
 
 
 def versions() -> str:
+    if not (VENV / "bin" / "pip").exists():  # --tools xenrun: no other tool installed
+        return "other tools not installed"
     out = subprocess.run([str(VENV / "bin" / "pip"), "list", "--format", "json"], capture_output=True, text=True)
     have = {p["name"].lower(): p["version"] for p in json.loads(out.stdout or "[]")}
     return ", ".join(f"{n} {have.get(n, '?')}" for n in ("pyinfra", "ansible-core", "fabric", "paramiko"))

@@ -51,7 +51,8 @@ def main() -> None:
     os.environ["XENRUN_KNOWN_HOSTS"] = str(work / "known_hosts")  # this run's server, not root's file
     server = start_sshd(work / "sshd")
     try:
-        from xenrun import run, ssh
+        from xenrun import run
+        from xenrun.targets import ssh
         print(f"one exec channel through root's login shell (.bashrc):  {exec_cost(server, 'true') * 1000:6.0f} ms")
         target = ssh.SSHTarget(server.address, connect_kwargs={
             "key_filename": str(server.key), "look_for_keys": False, "allow_agent": False})
@@ -99,8 +100,8 @@ def main() -> None:
                   f" round trips: {counts.get('command', 0)} shell requests, {counts.get('sftp_waits', 0)} SFTP waits"
                   f" ({counts.get('sftp', 0)} requests), {counts.get('connect', 0)} connection")
         started = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", "import xenrun.ssh, fabric"], capture_output=True)
-        print(f"(python startup + import of xenrun.ssh and fabric: {time.perf_counter() - started:.3f} s)")
+        r = subprocess.run([sys.executable, "-c", "import xenrun.targets.ssh, fabric"], capture_output=True)
+        print(f"(python startup + import of xenrun.targets.ssh and fabric: {time.perf_counter() - started:.3f} s)")
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

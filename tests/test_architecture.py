@@ -16,7 +16,7 @@ LAYERS = [
     ("values", {"xenrun", "xenrun.errors", "xenrun.settings", "xenrun.changes", "xenrun.facts", "xenrun.profiles",
                 "xenrun.xlcfg", "xenrun.logs", "xenrun.hookspecs", "xenrun.config", "xenrun.domains",
                 "xenrun.netswitch"}),
-    ("targets", {"xenrun.target", "xenrun.ssh", "xenrun.targets", "xenrun.plan", "xenrun.apply"}),
+    ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.apply"}),
     ("plugins", {"xenrun.registry", "xenrun.hooks", "xenrun.api", "xenrun.plugins"}),
     ("flows", {"xenrun.run", "xenrun.guests", "xenrun.fleet", "xenrun.bootcheck", "xenrun.testing",
                "xenrun.report"}),
@@ -24,8 +24,7 @@ LAYERS = [
 ]
 # xenrun.api hands plugin authors the test helpers on first use (a module
 # __getattr__), without importing the flows when a plugin is loaded
-ALLOWED_CLIMBS = {("xenrun.api", "xenrun.testing"),
-                  ("xenrun.ssh", "xenrun.registry")}  # the read-ahead's warm-up: goes with issue 15 step 2
+ALLOWED_CLIMBS = {("xenrun.api", "xenrun.testing")}
 
 
 def _name(path: Path) -> str:

@@ -427,3 +427,38 @@ def test_kernel_missing_on_the_host_points_at_the_spec(site):
     assert r.returncode == 2
     assert r.stderr.startswith(f"xenrun: {site / 'domains.toml'}:6: domain.PV_domU.kernel: "
                                "/mnt/arch/boot/x86_64/vmlinuz does not exist on the host"), r.stderr
+
+
+def test_delete_keeps_the_disk_unless_purge_and_rolls_back_up_to_the_disk(site):
+    from conftest import add_busybox
+    root = site / "hosts/arch-grub"
+    config, link = root / "etc/xen/arch-pv.cfg", root / "etc/xen/auto/arch-pv.cfg"
+    image = root / "var/lib/xen/images/arch-pv.img"
+    (site / "domains.toml").write_text((site / "domains.toml").read_text().replace('size = "8G"', 'size = "32M"'))
+    r, _ = create(site, "arch-pv", "--yes")
+    assert r.returncode == 0, r.stderr
+    text = config.read_text()
+    add_busybox(root, "sh", "test", "rm")  # the guards and rm really run in the root (no xl: not running)
+
+    r, plan = xenrun_json(site, "domain.delete", "arch-pv", "--host", "arch-grub", "--dry")
+    assert r.returncode == 0, r.stderr
+    assert [(i["kind"], i.get("path") or i["argv"][0]) for i in plan["plan"]] == [
+        ("RunCommand", "sh"), ("RemoveFile", "/etc/xen/auto/arch-pv.cfg"), ("RemoveFile", "/etc/xen/arch-pv.cfg")]
+    assert any("disk xvda kept (image); --purge removes it" in n for n in plan["notes"])
+
+    r, done = xenrun_json(site, "domain.delete", "arch-pv", "--host", "arch-grub", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert not config.exists() and not link.is_symlink() and image.exists()
+    r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert config.read_text() == text and link.is_symlink()
+
+    r, plan = xenrun_json(site, "domain.delete", "arch-pv", "--host", "arch-grub", "--dry", "--purge")
+    purge = [i for i in plan["plan"] if i["kind"] == "RunCommand" and i["argv"][0] == "rm"]
+    assert purge and purge[0]["argv"] == ["rm", "-f", "--", "/var/lib/xen/images/arch-pv.img"]
+    assert "cannot be undone" in purge[0]["why"] and image.exists()
+    r, done = xenrun_json(site, "domain.delete", "arch-pv", "--host", "arch-grub", "--yes", "--purge")
+    assert r.returncode == 0, r.stderr
+    assert not image.exists() and not config.exists()
+    r, again = xenrun_json(site, "domain.delete", "arch-pv", "--host", "arch-grub", "--yes", "--purge")
+    assert again["report"]["status"] == "nothing to do", again

@@ -240,3 +240,36 @@ def test_asking_once_applies_exactly_the_plans_that_were_shown(site):
     assert "the plan changed after it was shown" in " ".join(status["arch-uefi"].result.notes)
     assert all(status[n].status == "applied" for n in names if n != "arch-uefi")
     assert done.ok
+
+
+def test_rollback_promote_and_facts_take_many_hosts_each_isolated(tmp_path, sshd):
+    """rollback, promote and facts accept --host a,b,@group and --all like setup: a
+    table at the end, and one failing host leaves the others done."""
+    config = make_fleet(tmp_path / "site", sshd, n=4)
+    roots = {f"xen{i:02d}": tmp_path / "site" / "hosts" / f"xen{i:02d}" for i in range(1, 5)}
+    before = {name: tree_hash(root, skip_state=True) for name, root in roots.items()}
+    r = setup(config, "--all", "--yes", "--files-only", "--format", "json")
+    assert r.returncode == 0, r.stderr
+
+    r = run_xenrun("facts", "--config", config, "--host", "@first,xen04", "--format", "json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    hosts = hosts_of(r)
+    assert sorted(hosts) == ["xen01", "xen02", "xen03", "xen04"]
+    assert all(h["report"]["status"] == "read" and h["facts"]["cpus"] > 0 for h in hosts.values())
+
+    # promote refuses hosts that do not run Xen, each on its own, with the reason
+    r = run_xenrun("promote", "--config", config, "--host", "xen01,xen02", "--yes", timeout=300)
+    assert r.returncode == 1
+    assert re.search(r"^xen01\s.*invalid", r.stdout, re.M) and "not running as Xen's Domain-0" in r.stdout
+
+    # one host's state made unreadable: its rollback fails, the others are rolled back
+    (roots["xen02"] / "var/lib/xenrun/runs").rename(roots["xen02"] / "var/lib/xenrun/runs-away")
+    r = run_xenrun("rollback", "--config", config, "--all", "--yes", "--format", "json", timeout=300)
+    hosts = hosts_of(r)
+    assert {n: h["report"]["status"] for n, h in hosts.items()} == {
+        "xen01": "applied", "xen02": "nothing to do", "xen03": "applied", "xen04": "applied"}, r.stdout
+    assert "no run to roll back" in hosts["xen02"]["notes"]
+    for name in ("xen01", "xen03", "xen04"):
+        assert tree_hash(roots[name], skip_state=True) == before[name], name
+    r = run_xenrun("rollback", "--config", config, "--host", "xen01,xen03", "--dry", timeout=300)
+    assert r.returncode == 0 and re.search(r"^xen01\s+0\s", r.stdout, re.M), r.stdout

@@ -19,7 +19,7 @@ from xenrun.errors import ConfigError, PlanError
 from xenrun.facts import Facts, Probe
 from xenrun.plan import CHANGE, PENDING
 from xenrun.plugins import netctl as plugin
-from xenrun.target import LocalTarget
+from xenrun.targets.local import LocalTarget
 
 SAMPLES = Path(__file__).parent / "samples"
 WANTS = "/etc/systemd/system/multi-user.target.wants"

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=available() or "
 
 WRAPPER = """
 import atexit, json, os, sys
-import xenrun.ssh as ssh
+import xenrun.targets.ssh as ssh
 made = []
 class TestTarget(ssh.SSHTarget):  # counts round trips; address, root, key come from plugins.toml
     def __init__(self, address, **kw):
@@ -93,7 +93,7 @@ def local_reference(site: Path, host: str, *extra) -> dict:
 
 
 def ssh_target(sshd, root=None, **kw):
-    from xenrun.ssh import SSHTarget
+    from xenrun.targets.ssh import SSHTarget
     return SSHTarget(sshd.address, root=str(root) if root else None,
                      connect_kwargs={"key_filename": str(sshd.key), "look_for_keys": False, "allow_agent": False},
                      **kw)
@@ -103,7 +103,8 @@ def ssh_target(sshd, root=None, **kw):
 
 @pytest.mark.parametrize("host", HOSTS)
 def test_facts_over_ssh_equal_local_facts(site, sshd, host, monkeypatch):
-    from xenrun import run, ssh
+    from xenrun import run
+    from xenrun.targets import ssh
     local = run.gather_facts(run.prepare(run.Options(config=str(site / "plugins.toml"), host=host)))
     root = over_ssh(site, host, sshd)
     made = []
@@ -124,7 +125,7 @@ def test_facts_over_ssh_equal_local_facts(site, sshd, host, monkeypatch):
 def test_facts_of_this_machine_over_ssh_equal_local_facts(sshd):
     from xenrun.facts import Probe
     from xenrun.plugins import facts as core
-    from xenrun.target import LocalTarget
+    from xenrun.targets.local import LocalTarget
     target = ssh_target(sshd)
     remote = core.detect_hardware(Probe(target))
     local = core.detect_hardware(Probe(LocalTarget("/")))
@@ -269,7 +270,7 @@ def test_a_file_below_a_link_made_by_the_same_run_is_written_through_that_link(s
     from xenrun.apply import Applier
     from xenrun.changes import Symlink, WriteFile
     from xenrun.plan import assess
-    from xenrun.target import LocalTarget
+    from xenrun.targets.local import LocalTarget
     root = tmp_path / "r"
     (root / "etc").mkdir(parents=True)
     (root / "opt/foo").mkdir(parents=True)
@@ -295,7 +296,7 @@ def test_two_paths_of_one_batch_that_lead_to_one_file_are_written_in_order(sshd,
     from xenrun.apply import Applier
     from xenrun.changes import WriteFile
     from xenrun.plan import assess
-    from xenrun.target import LocalTarget
+    from xenrun.targets.local import LocalTarget
     root = tmp_path / "r"
     (root / "etc").mkdir(parents=True)
     (root / "etc/b").write_text("old b\n")
@@ -467,10 +468,10 @@ def test_a_host_that_stops_answering_mid_command_is_given_up_quickly(sshd, monke
     """A host gone mid-command (here: its sshd frozen, so TCP stays open and
     nothing answers) ends the command with a clear error once a keepalive that
     wants a reply gets none, instead of waiting until TCP gives up."""
-    from xenrun import ssh
     from xenrun.errors import TargetError
-    monkeypatch.setattr(ssh, "PROBE_AFTER", 1.0)
-    monkeypatch.setattr(ssh, "PROBE_WAIT", 3.0)
+    from xenrun.targets.ssh import shell
+    monkeypatch.setattr(shell, "PROBE_AFTER", 1.0)
+    monkeypatch.setattr(shell, "PROBE_WAIT", 3.0)
     target = ssh_target(sshd)
     assert target.run(["true"]).rc == 0
     # a long silent command on a live host is not given up: keepalives are answered
@@ -496,33 +497,16 @@ def test_a_host_that_stops_answering_mid_command_is_given_up_quickly(sshd, monke
                 pass
 
 
-def test_contents_read_together_are_cut_by_their_sizes():
-    """One `cat | base64` brings every small file of a fetch; the sizes from the
-    same fetch's stat cut it. When they do not add up (a file changed or was
-    unreadable in between), nothing is kept and each file is read again alone."""
-    from xenrun.ssh import _cut
-    lst = {"/a": "81a4 0 0 3 8", "/b": "81a4 0 0 0 0", "/c": "81a4 0 0 2 8"}
-    assert _cut(b"onexy", ["/a", "/b", "/c"], lst) == {"/a": b"one", "/b": b"", "/c": b"xy"}
-    assert _cut(b"onex", ["/a", "/b", "/c"], lst) == {}
-    assert _cut(b"one", ["/a", "/missing"], lst) == {}
-
-
-def test_a_file_that_changes_size_between_stat_and_read_is_read_whole(sshd, tmp_path, monkeypatch):
-    from xenrun import ssh
+def test_a_file_whose_size_does_not_match_its_content_is_read_whole(sshd, tmp_path):
+    """Files fetched together are cut by their stat sizes (framing.cut); when the
+    sizes do not add up (here a /proc file: size 0, text inside; elsewhere a file
+    that changed in between), each is read again on its own."""
     target = ssh_target(sshd)
     (tmp_path / "f").write_text("first\n")
-    (tmp_path / "g").write_text("other\n")
-    real_cut = ssh._cut
-    grown = []
-
-    def cut_after_growth(data, keys, lst):  # as if f grew between the stat and the cat
-        grown.append(keys)
-        return real_cut(data + b"more", keys, lst)
-    monkeypatch.setattr(ssh, "_cut", cut_after_growth)
-    target.prefetch([str(tmp_path / "f"), str(tmp_path / "g")])
-    assert grown
+    target.prefetch([str(tmp_path / "f"), "/proc/version"])
+    assert target.stat("/proc/version").size == 0
     assert target.read(str(tmp_path / "f")) == b"first\n"
-    assert target.read(str(tmp_path / "g")) == b"other\n"
+    assert target.read("/proc/version") == Path("/proc/version").read_bytes()
 
 
 def test_a_new_host_key_is_saved_and_a_changed_one_refused(site, sshd, monkeypatch, tmp_path):

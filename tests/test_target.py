@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_xenrun, tree_hash
-from xenrun.target import LocalTarget
+from xenrun.targets.local import LocalTarget
 
 
 def test_dotdot_and_symlinks_never_leave_the_root(tmp_path):
@@ -114,3 +114,32 @@ def test_root_flag_without_a_site(tmp_path, site, monkeypatch):
     out = json.loads(r.stdout)
     assert out["host"] == "arch-uefi" and out["summary"]["changed"] == 4  # no plugins.toml: xen plugin only
     assert tree_hash(root) == before
+
+
+def _imports_of(path: Path) -> list[str]:
+    """The xenrun modules a source file imports (at any depth: lazy imports too)."""
+    import ast
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return [n for n in names if n == "xenrun" or n.startswith("xenrun.")]
+
+
+def test_the_targets_import_nothing_above_them():
+    """The transport stands below the application: xenrun/targets/ may use the
+    errors and itself, never the flows, the registry, plugins, apply or facts."""
+    files = sorted((REPO / "xenrun" / "targets").rglob("*.py"))
+    assert len(files) >= 7
+    for path in files:
+        for name in _imports_of(path):
+            assert name.startswith(("xenrun.targets", "xenrun.errors")), f"{path.relative_to(REPO)} imports {name}"
+
+
+def test_every_target_implements_the_contract():
+    from xenrun.targets import Target
+    from xenrun.targets.ssh import SSHTarget
+    for cls in (LocalTarget, SSHTarget):
+        assert issubclass(cls, Target) and not cls.__abstractmethods__, cls

@@ -7,7 +7,7 @@
   and including the next command): every original of the stretch copied and on
   record in one go, then its changes, consecutive file writes together; over SSH
   a stretch costs a fixed number of round trips, not a few per file.
-- Every write is atomic (xenrun.target.write_atomic); a validator checks the new
+- Every write is atomic (Target.write_atomic, xenrun.targets); a validator checks the new
   content before it goes live.
 - Any failure undoes every file this run changed, and the run ends with ApplyError.
 - A run killed at any point leaves a journal without an end record; the next run
@@ -204,9 +204,7 @@ class Applier:
     def lock(self) -> None:
         self.target.lock(f"{STATE_DIR}/lock",
                          f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        read_ahead = getattr(self.target, "read_ahead", None)
-        if read_ahead is not None:  # what recovery and the plan under the lock read, in one go
-            read_ahead(lambda: read_state(self.target))
+        self.target.read_ahead(lambda: read_state(self.target))  # what recovery and the plan under the lock read
 
     def unlock(self) -> None:
         self.target.unlock()
@@ -297,9 +295,8 @@ class Applier:
         note their records. A link to a file is saved as that file's content when
         the change edits through it ("follow"), as the link otherwise; a disk
         image by its size, never its data."""
-        prefetch = getattr(self.target, "prefetch", None)  # an SSH target: every path in one round trip
-        if prefetch is not None and wanted:
-            prefetch([p for p, how in wanted if how != "image"], stat_only=[p for p, how in wanted if how == "image"])
+        if wanted:  # an SSH target: every path in one round trip
+            self.target.prefetch([p for p, how in wanted if how != "image"], stat_only=[p for p, how in wanted if how == "image"])
         copies, records = [], []
         for path, how in wanted:
             info = self.target.lstat(path)

@@ -18,8 +18,8 @@ from invoke.exceptions import Exit
 
 from xenrun import logs, run, taskhelp
 from xenrun.errors import UsageError
-from xenrun.guests import (DomainOptions, create, finish_install, host_domains, lint_paths, listing, the_domain,
-                           xl_action)
+from xenrun.guests import (DomainOptions, create, delete, finish_install, host_domains, lint_paths, listing,
+                           the_domain, xl_action)
 
 # -- invoke tasks ----------------------------------------------------------------------
 
@@ -83,6 +83,15 @@ def destroy_task(c, name, root=None, host=None, config=None, domains=None, dry=F
                root, host, config, domains, dry, yes, files_only, format)
 
 
+@task(name="delete", positional=["name"], auto_shortflags=False,
+      help={**_h(*_PLAN_FLAGS), "purge": "remove the guest's disks too (image files, logical volumes): cannot be undone"})
+def delete_task(c, name, root=None, host=None, config=None, domains=None, dry=False, yes=False, files_only=False,
+                format="text", purge=False):
+    """Shut a guest down and remove its config and autostart link; its disks stay unless --purge."""
+    _plan_task(lambda o: delete(o, name, purge, _confirm),
+               root, host, config, domains, dry, yes, files_only, format)
+
+
 @task(name="list", auto_shortflags=False, help=_h("root", "host", "config", "domains", "format"))
 def list_task(c, root=None, host=None, config=None, domains=None, format="text"):
     """The host's guests: config, autostart, running (S23)."""
@@ -140,5 +149,5 @@ def lint_task(c, path, also=None, root=None, allow_open_vnc=False):
     print("no problems found")
 
 
-ns = Collection("domain", create_task, finish_install_task, shutdown_task, destroy_task, list_task, console_task,
-                lint_task)
+ns = Collection("domain", create_task, finish_install_task, shutdown_task, destroy_task, delete_task, list_task,
+                console_task, lint_task)

@@ -633,9 +633,8 @@ def _rock_ridge_name(use: bytes) -> str | None:
 def iso_reader(target, path: str) -> Iso9660:
     """An Iso9660 over a file of the target. On a local target (the machine or a
     --root folder) only the sectors needed are read; elsewhere the whole file."""
-    real = getattr(target, "real", None)
-    if real is not None:
-        host_path = real(path)
+    host_path = target.local_path(path)
+    if host_path is not None:
 
         def read_at(offset: int, length: int) -> bytes:
             with open(host_path, "rb") as f:
@@ -728,8 +727,16 @@ def guest_notes(domain: Domain, images: list[str], read=read_guest_file) -> list
                          " ctrl-d prompt (S20, S26)")
         else:
             notes.append(f"{domain.name}: the guest's mkinitcpio.conf has the Xen front-end modules (S20)")
-        if domain.type == "pv" and read(image, "/boot/grub/grub.cfg") is None:
-            notes.append(f"{domain.name}: no /boot/grub/grub.cfg in the guest's disk; pygrub needs one with the"
-                         " root partition's UUID (S20)")
         break
     return notes
+
+
+def lacks_boot_config(images: list[str], read=read_guest_file) -> str | None:
+    """The first readable guest disk (one holding a Linux /etc) without
+    /boot/grub/grub.cfg, which pygrub boots from; None when all have one or none
+    can be read."""
+    for image in images:
+        if read(image, "/etc/mkinitcpio.conf") is None and read(image, "/etc/fstab") is None:
+            continue  # not a filesystem xenrun can read: cannot tell
+        return None if read(image, "/boot/grub/grub.cfg") is not None else image
+    return None

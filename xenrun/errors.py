@@ -42,7 +42,7 @@ class PlanError(UsageError):
 
 class TargetError(UsageError):
     """The target cannot do what the plan needs (a path escaping --root, chroot not
-    possible, host unreachable). Raised by target.py before anything changes."""
+    possible, host unreachable). Raised by the targets (xenrun.targets) before anything changes."""
 
 
 class LockHeld(UsageError):

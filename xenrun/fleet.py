@@ -171,7 +171,7 @@ def _one(p: run.Prepared, options: run.Options, confirm, flow: str) -> HostRun:
         except ApplyError as e:
             out.status, out.error = "failed", str(e)
         except TargetError as e:
-            never_connected = hasattr(target, "stats") and not target.stats.get("connect")
+            never_connected = target.remote and not target.stats.get("connect")
             out.status, out.error = ("unreachable" if never_connected else "invalid"), str(e)
         except UsageError as e:
             out.status, out.error = "invalid", str(e)
@@ -180,13 +180,11 @@ def _one(p: run.Prepared, options: run.Options, confirm, flow: str) -> HostRun:
             out.status, out.error = "error", f"{type(e).__name__}: {e}"
         finally:
             try:
-                close = getattr(target, "close", None)
-                if close:
-                    close()  # ends the SSH session (and so releases a lock still held)
+                target.close()  # ends the SSH session (and so releases a lock still held)
             except Exception:  # noqa: BLE001 - closing a broken session
                 pass
     out.seconds = time.perf_counter() - started
-    out.round_trips = dict(getattr(target, "stats", {}))
+    out.round_trips = dict(target.stats)
     return out
 
 
@@ -195,7 +193,7 @@ def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, pa
     """Each host on a pool thread (of this process or of a worker process), at most
     ``parallel`` at once; ``progress(done, total, host_run)`` as each finishes.
     Returns runs in the order of ``prepared``."""
-    if any(hasattr(p.target, "stats") for p in prepared):
+    if any(p.target.remote for p in prepared):
         import fabric  # noqa: F401 - imported once here rather than by many threads at once
     runs: dict[str, HostRun] = {}
     lock = threading.Lock()

@@ -16,7 +16,7 @@ import structlog
 from xenrun import run, xlcfg
 from xenrun.changes import Change, RemoveFile, RunCommand, Symlink, WriteFile
 from xenrun.domains import (CONFIG_DIR, ISO_KERNELS, ISO_RAMDISKS, Domain, archiso_extra, derived_mac,
-                            guest_notes, iso_reader, load_domains, random_mac)
+                            guest_notes, iso_reader, lacks_boot_config, load_domains, random_mac)
 from xenrun.errors import PlanError, UsageError
 
 log = structlog.get_logger()
@@ -242,7 +242,12 @@ def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str
     findings = xlcfg.lint(new, allow_open_vnc=domain.allow_open_vnc)
     if findings:
         raise PlanError(f"{domain.config_path} after finish-install: " + "; ".join(_finding(f) for f in findings))
-    notes += guest_notes(domain, guest_images(p, domain))
+    images = guest_images(p, domain)
+    if (bare := lacks_boot_config(images)) is not None:
+        raise PlanError(f"{domain.name}: no /boot/grub/grub.cfg in the guest's disk ({bare}): pygrub would find"
+                        " nothing to boot; install GRUB's config in the guest first (grub-mkconfig -o"
+                        " /boot/grub/grub.cfg, with the root partition's UUID: S20), then finish-install")
+    notes += guest_notes(domain, images)
     if p.target.is_host and not p.target.cannot_run(("xl", "list", domain.name)) and \
             p.target.run(("xl", "list", domain.name), timeout=60).rc == 0:
         notes.append(f"{domain.name} is running: power it off inside the guest, then `xl create -c"
@@ -258,8 +263,7 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
     """Paths on this machine of the guest's disks that xenrun can read (local
     targets only): where its disk plugins say each disk is (the target of the xl
     disk entry they plan), image files always, devices on the running machine."""
-    real = getattr(p.target, "real", None)
-    if real is None:
+    if p.target.local_path("/") is None:  # the target's files are elsewhere (SSH)
         return []
     facts = run.gather_facts(p)
     out = []
@@ -271,8 +275,9 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
             path = xlcfg.disk_target(answer.entry) if answer else None
         if not path or (path.startswith("/dev/") and not p.target.is_host):
             continue
-        if os.path.exists(real(path)):
-            out.append(str(real(path)))
+        here = p.target.local_path(path)
+        if here is not None and os.path.exists(here):
+            out.append(str(here))
     return out
 
 
@@ -285,6 +290,36 @@ def plan_xl(domain: Domain, action: str) -> list[Change]:
                        why=f"{action} {domain.name}" + (f" (gives up after {SHUTDOWN_WAIT} s: then"
                                                         f" `xenrun domain.destroy {domain.name}`)"
                                                         if action == "shutdown" else ""))]
+
+
+def plan_delete(p: run.Prepared, domain: Domain, purge: bool) -> tuple[list[Change], list[str]]:
+    """domain.delete: the guest shut down (S23), its autostart link and config
+    removed (both kept as originals: a rollback brings them back), and with
+    ``purge`` its disks removed too, which nothing can undo. A disk xenrun did not
+    make (``phy``, a device of the host's) is never removed."""
+    target = p.target
+    changes: list[Change] = plan_xl(domain, "shutdown")
+    notes: list[str] = []
+    link = target.lstat(domain.auto_path)
+    if link is not None and (link.kind != "link" or link.link == domain.config_path):
+        changes.append(RemoveFile(domain.auto_path, step="S22", why=f"{domain.name} no longer starts at boot"))
+    if target.exists(domain.config_path):
+        changes.append(RemoveFile(domain.config_path, step="S17", why=f"xl config of {domain.name}"))
+    facts = run.gather_facts(p) if purge else None
+    for disk in domain.disks:
+        if disk.backend == "phy":
+            notes.append(f"{domain.name}: {disk.device} is a device of the host's: kept")
+            continue
+        _plugin, answer = p.plugins.domain_disk(facts, p.host, domain, disk) if purge else (None, None)
+        path = xlcfg.disk_target(answer.entry) if answer else None
+        if not purge or not path:
+            notes.append(f"{domain.name}: disk {disk.vdev} kept ({disk.backend}); --purge removes it")
+            continue
+        gone = ("sh", "-c", '! test -e "$1"', "sh", path)  # exits 0 once the disk is gone
+        argv = ("lvremove", "-f", path) if disk.backend == "lvm" else ("rm", "-f", "--", path)
+        changes.append(RunCommand(argv, unless=gone, step="S16", timeout=300,
+                                  why=f"--purge: remove disk {disk.vdev} of {domain.name} (cannot be undone)"))
+    return [dataclasses.replace(c, plugin="domain") for c in changes], notes
 
 
 # -- the flows ---------------------------------------------------------------------
@@ -303,6 +338,14 @@ def finish_install(opts: DomainOptions, name: str, confirm) -> run.Result:
     domain = the_domain(host_domains(p, opts.domains), name, p, opts.domains)
     p = with_disk_plugins(p, domain)  # their settings say where the guest's disks are
     return run.execute(p, lambda: plan_finish(p, domain), opts.run, confirm)
+
+
+def delete(opts: DomainOptions, name: str, purge: bool, confirm) -> run.Result:
+    p = run.prepare(opts.run)
+    domain = the_domain(host_domains(p, opts.domains), name, p, opts.domains)
+    if purge:
+        p = with_disk_plugins(p, domain)  # they say where the disks are
+    return run.execute(p, lambda: plan_delete(p, domain, purge), opts.run, confirm)
 
 
 def xl_action(opts: DomainOptions, name: str, action: str, confirm) -> run.Result:
@@ -353,7 +396,7 @@ def lint_paths(paths: list[str], root: str | None = None, allow_open_vnc: bool =
         raise UsageError(f"domain.lint: no *.cfg in {', '.join(paths)}")
     base = Path(root).resolve() if root else Path("/")
     if root:
-        from xenrun.target import LocalTarget
+        from xenrun.targets.local import LocalTarget
         exists = LocalTarget(base).exists
     else:
         exists = os.path.exists

@@ -119,10 +119,8 @@ def unified(path: str, before: State, after: State) -> str:
 def assess(changes: list[Change], target, owed: frozenset = frozenset()) -> list[Outcome]:
     """Diff every change against the target, in order. Reads only. ``owed``: argv
     tuples of commands an earlier --files-only run left for the host (still needed)."""
-    prefetch = getattr(target, "prefetch", None)  # an SSH target: every path in one round trip
-    if prefetch is not None:
-        read, look = _paths_of(changes)
-        prefetch(read, stat_only=look)
+    read, look = _paths_of(changes)
+    target.prefetch(read, stat_only=look)  # an SSH target: every path in one round trip
     view = Overlay(target)
     changed_paths: set[str] = set()
     outcomes = []
@@ -140,9 +138,8 @@ def _leave_what_cannot_run(outcomes: list[Outcome], target) -> list[Outcome]:
     the host). Asked once the plan is known, so an SSH root looks up every
     program at once."""
     runs = [o for o in outcomes if o.action == CHANGE and isinstance(o.change, RunCommand)]
-    look_up = getattr(target, "find_programs", None)
-    if look_up is not None and runs:
-        look_up([o.change.argv[0] for o in runs])
+    if runs:
+        target.find_programs([o.change.argv[0] for o in runs])
     asked = {id(o) for o in runs}
     for index, outcome in enumerate(outcomes):
         blocked = target.cannot_run(outcome.change.argv) if id(outcome) in asked else None

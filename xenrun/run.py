@@ -25,7 +25,7 @@ from xenrun.facts import Facts, Probe
 from xenrun.hooks import HostPlugins
 from xenrun.plan import CHANGE, PENDING, Outcome, assess
 from xenrun.settings import name as check_name
-from xenrun.target import LocalTarget
+from xenrun.targets import LocalTarget, Target
 
 log = structlog.get_logger()
 
@@ -54,7 +54,7 @@ class Options:
 class Prepared:
     site: Site
     spec: HostSpec
-    target: LocalTarget
+    target: Target
     plugins: HostPlugins
     host: Host
 
@@ -79,11 +79,11 @@ def prepare_in(site: Site, options: Options) -> Prepared:
     if root is None and options.host:
         spec = site.host(options.host)
         if spec.address:
-            from xenrun.ssh import SSHTarget  # fabric and paramiko load only for SSH hosts
+            from xenrun.targets.ssh import SSHTarget  # fabric and paramiko load only for SSH hosts
             keys = {"key_filename": str(spec.identity), "look_for_keys": False, "allow_agent": False} \
                 if spec.identity else {}
             remote = SSHTarget(spec.address, root=str(spec.root) if spec.root else None,  # connects on first use
-                               files_only=options.files_only, connect_kwargs=keys, plugins=spec.selected)
+                               files_only=options.files_only, connect_kwargs=keys)
         elif spec.root is not None:
             root = str(spec.root)
     if root is not None:
@@ -96,6 +96,7 @@ def prepare_in(site: Site, options: Options) -> Prepared:
     plugins, host = hooks.select(site, spec)
     if site.file is not None and not spec.configured:
         plugins.notes.append(f"host {name!r} has no [hosts.{name}] in {site.file}: its [defaults] were used")
+    target.warm_up_with(lambda: warm_up_reads(target, plugins))
     return Prepared(site, spec, target, plugins, host)
 
 
@@ -111,7 +112,24 @@ def with_disk_plugins(p: Prepared, backends) -> Prepared:
     return dataclasses.replace(p, spec=spec, plugins=plugins, host=host)
 
 
-def _hostname(target: LocalTarget) -> str:
+def warm_up_reads(target: Target, plugins: HostPlugins) -> None:
+    """What a target with a cache (SSH) reads ahead before its first read, when no
+    read_ahead came first (facts, rollback): the journal scan of a setup and the
+    detect_hardware of the host's plugins, against the cache (their reads then
+    cost no round trip each)."""
+    target.lstat(f"{STATE_DIR}/lock")  # taken before an apply
+    read_state(target)
+    before = len(plugins.notes)
+    try:
+        with logs.quiet():
+            plugins.facts(Probe(target))
+    except Exception:  # noqa: BLE001 - choking on placeholders; the real run will tell
+        pass
+    finally:
+        del plugins.notes[before:]  # the real planning notes them
+
+
+def _hostname(target: Target) -> str:
     data = target.read("/etc/hostname")
     name = data.decode().strip() if data else (socket.gethostname() if target.is_host else "")
     try:
@@ -185,10 +203,6 @@ def read_ahead(p: Prepared, make) -> None:
     the target's cache, quietly, fetching what it asks for in bulk, a round per
     level of reads that depend on others; facts and plan then take no round trip
     of their own. Elsewhere nothing."""
-    ahead = getattr(p.target, "read_ahead", None)
-    if ahead is None:
-        return
-
     def reads():
         with logs.quiet():
             before = len(p.plugins.notes)
@@ -196,7 +210,7 @@ def read_ahead(p: Prepared, make) -> None:
             read_state(p.target)
             assess(make(), p.target, owed_commands(p.target))
             del p.plugins.notes[before:]  # the real planning notes them
-    ahead(reads)
+    p.target.read_ahead(reads)
 
 
 def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", finish=None) -> Result:

@@ -1,4 +1,4 @@
-"""Targets: where a plan is read and applied.
+"""LocalTarget: the running machine, or a machine root in a folder.
 
 A target offers a handful of operations on paths as the host sees them ("/etc/fstab")
 and never more: read, lstat, list, atomic write, symlink, remove, sparse file, run an
@@ -15,72 +15,13 @@ import fcntl
 import os
 import stat
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from xenrun.errors import LockHeld, TargetError
-
-SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-TMP_SUFFIX = ".xenrun-tmp"
+from xenrun.targets.base import SEARCH_PATH, TMP_SUFFIX, FileInfo, Result, Target, resolve_in_root
 
 
-@dataclass(frozen=True)
-class FileInfo:
-    kind: str  # "file", "dir", "link", "other"
-    mode: int  # permission bits
-    uid: int
-    gid: int
-    size: int
-    blocks: int  # 512-byte blocks really allocated
-    link: str | None = None  # symlink target
-
-
-@dataclass(frozen=True)
-class Result:
-    argv: tuple[str, ...]
-    rc: int
-    stdout: str
-    stderr: str
-
-
-def resolve_in_root(path: str, follow: bool, link_of, where: str = "target") -> list[str]:
-    """The parts of ``path`` resolved as chroot would: ``..`` stops at the root,
-    an absolute link starts again at the root, so nothing leaves it.
-    ``link_of(parts, rest)`` says what the link at ``parts`` points to (None: not a
-    link); ``rest`` are the parts still to come (an SSH target prefetches them). The last part
-    is followed only when ``follow``. Shared by local roots and SSH targets."""
-    parts = [p for p in path.split("/") if p]
-    resolved: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        link = link_of(resolved + [part], parts) if (parts or follow) else None
-        if link is not None:
-            hops += 1
-            if hops > 40:
-                raise TargetError(f"{where}: too many symlinks resolving {path}")
-            if link.startswith("/"):
-                resolved = []  # chroot semantics: absolute links start at the root
-            parts = [p for p in link.split("/") if p] + parts
-            continue
-        resolved.append(part)
-    return resolved
-
-
-def tmp_name(path: str) -> str:
-    """The temporary name an atomic write uses for ``path`` (same folder, so the
-    rename is atomic; fixed, so recovery can find and remove it)."""
-    head, _, tail = path.rpartition("/")
-    return f"{head}/.{tail}{TMP_SUFFIX}"
-
-
-class LocalTarget:
+class LocalTarget(Target):
     """The running machine (root "/") or a machine root in a folder."""
 
     def __init__(self, root: str | Path = "/", files_only: bool = False):
@@ -107,6 +48,10 @@ class LocalTarget:
             candidate = self.root.joinpath(*parts)
             return os.readlink(candidate) if candidate.is_symlink() else None
         return self.root.joinpath(*resolve_in_root(path, follow, link_of, str(self)))
+
+    def local_path(self, path: str) -> Path:
+        """Every file of a local target is on this machine: ``real(path)``."""
+        return self.real(path)
 
     # -- reading -----------------------------------------------------------------
     def read(self, path: str) -> bytes | None:
@@ -173,7 +118,7 @@ class LocalTarget:
     def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
                      gid: int | None = None, before_rename=None) -> None:
         """Replace ``path`` with ``data``: temp file in the same folder, fsync,
-        ``before_rename(host_path_of_temp)`` (validation; raise to abort), rename,
+        ``before_rename(path of the temp file on this machine)`` (validation; raise to abort), rename,
         fsync of the folder. The temp file never outlives a failure."""
         real = self.real(path)
         tmp = real.parent / f".{real.name}{TMP_SUFFIX}"
@@ -187,7 +132,7 @@ class LocalTarget:
                     os.fchown(f.fileno(), uid, gid)
                 os.fsync(f.fileno())
             if before_rename:
-                before_rename(tmp)
+                before_rename(str(tmp))
             os.replace(tmp, real)
         except BaseException:
             try:
@@ -309,10 +254,11 @@ class LocalTarget:
             return Result(argv, 124, "", f"{argv[0]}: timed out after {timeout} s")
         return Result(argv, p.returncode, p.stdout, p.stderr)
 
-    def run_on_file(self, argv: tuple[str, ...], real_path: Path) -> Result:
-        """Run a check command of this machine on a file of the target (validators
-        such as grub-script-check read the file where it lies)."""
-        full = tuple(str(real_path) if a == "{}" else a for a in argv)
+    def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
+        """Run a check command of this machine on a file of the target, "{}"
+        standing for its path on this machine (validators such as
+        grub-script-check read the file where it lies)."""
+        full = tuple(str(file_path) if a == "{}" else a for a in argv)
         try:
             p = subprocess.run(full, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         except FileNotFoundError:

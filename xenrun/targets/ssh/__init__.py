@@ -1,0 +1,95 @@
+"""SSHTarget: a remote host over SSH through Fabric, with LocalTarget's methods.
+
+One connection per target carries two long-lived channels:
+
+- an SFTP session (paramiko's SFTPClient), started when a run first writes, for
+  every file operation: atomic writes (temp file, fsync@openssh.com,
+  posix-rename@openssh.com, fsync of the folder), symlinks, removal, sparse files,
+  journal appends; requests go in pipelines (see "writing" below);
+- one persistent POSIX ``sh`` reading requests on its stdin, for commands and for
+  bulk reads: a request is one quoted command line, its answer is framed with a
+  random marker and base64, so anything root's rc files print is skipped.
+
+Why one shell and not one exec channel per command: sshd starts every exec and
+every subsystem through the login shell, and on these machines root's ~/.bashrc
+runs ``pyenv init`` (0.15-0.35 s) each time, non-interactive or not (Debian's bash
+reads .bashrc when started by sshd). A persistent shell pays that once per
+connection (and the SFTP server once more, only on a run that writes); a request
+then costs one round trip (about 1 ms on loopback).
+
+The host needs a POSIX sh and the usual tools (stat -c, base64, readlink, mktemp,
+flock from util-linux, env, chroot for a root prefix); no Python.
+
+Reads answer from a cache filled in bulk until the first write (a write forgets
+what it changes, a command everything): ``read_ahead(fn)`` runs ``fn`` (a setup's
+whole read side: state, facts, plan, assessment) speculatively against the cache
+and fetches whatever it asked for in one remote script per round; ``prefetch``
+and a warm-up (the host's detect_hardware) do the same for less. A cache miss
+outside them falls back to one SFTP request.
+
+The lock is ``flock -n`` on fd 9 of the persistent shell: it lives exactly as long
+as the SSH session, so a killed xenrun (or a dropped connection, once sshd notices)
+releases it. Commands run with fd 9 closed, so nothing they start keeps it.
+
+``root``: an optional folder on the remote host holding a machine root (tests, and
+hosts prepared for another machine). Paths are resolved the chroot way over the
+remote lstat/readlink answers (LocalTarget.real's algorithm), commands run with
+``chroot ROOT``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections import Counter
+
+from xenrun.errors import TargetError
+from xenrun.targets.base import Target
+from xenrun.targets.ssh.cache import Cache
+from xenrun.targets.ssh.connection import CONNECT_TIMEOUT, Connection, known_hosts_file, parse_address
+from xenrun.targets.ssh.sftp import Files
+from xenrun.targets.ssh.shell import Shell
+
+__all__ = ["SSHTarget", "known_hosts_file", "parse_address"]
+
+
+class SSHTarget(Connection, Shell, Cache, Files, Target):
+    """A host over SSH (``root``: a machine root folder on that host)."""
+
+    remote = True
+
+    def __init__(self, address: str, root: str | None = None, files_only: bool = False,
+                 connect_timeout: float = CONNECT_TIMEOUT, connect_kwargs: dict | None = None):
+        self.address = address
+        self.user, self.hostname, self.port = parse_address(address)
+        self.root = posixpath.normpath(root).rstrip("/") or None if root else None
+        if self.root and not self.root.startswith("/"):
+            raise TargetError(f"{address}: root must be an absolute path on the host: {root!r}")
+        self._prefix = self.root or ""  # a host is resolved as a root at "/"
+        self.files_only = files_only
+        self.connect_timeout = connect_timeout
+        self.connect_kwargs = connect_kwargs or {}
+        self.stats: Counter = Counter()  # round trips: "command" (shell requests), "sftp" (requests)
+        self._conn = self._sftp = self._chan = None
+        self._nonce = ""
+        self._buf = b""
+        self._heard, self._probe = 0.0, None  # last sign of life; keepalive in flight (sent, answered)
+        self._locked = False
+        self._appends: dict[str, object] = {}  # journal files kept open
+        self._append_real: dict[str, str] = {}  # and where they lie
+        self._dir_handles: dict[str, object] = {}  # folders kept open for fsync
+        self._programs: dict[str, str] = {}  # find_program's answers that found one
+        self._fsync_ext = True
+        self._warmed = False
+        self._spec: dict[str, set] | None = None  # wants collected while speculating
+        self._cache_only = False  # answer from the cache or raise _Miss
+        self._warm_up_reads = None  # what to read ahead before the first read (warm_up_with)
+        self._invalidate()
+
+    @property
+    def is_host(self) -> bool:
+        return self.root is None
+
+    def __str__(self) -> str:
+        who = f"{self.user}@{self.hostname}" if self.user else self.hostname
+        who += f":{self.port}" if self.port else ""
+        return f"ssh {who}" + (f" root {self.root}" if self.root else "")

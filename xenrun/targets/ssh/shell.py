@@ -1,0 +1,267 @@
+"""The persistent shell of an SSHTarget: requests, their framed answers, sign-of-life
+probes, commands and the lock."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import shlex
+import socket
+import threading
+import time
+from importlib import resources
+
+from xenrun.errors import LockHeld, TargetError
+from xenrun.targets.base import SEARCH_PATH, Result
+from xenrun.targets.ssh.cache import _Miss
+from xenrun.targets.ssh.framing import split_output, take_answer
+
+STAT_FORMAT = "%f %u %g %s %b"  # raw mode (hex), uid, gid, size, 512-byte blocks
+# a host silent this long while a command runs is asked for a sign of life, and
+# given this long to answer before it is taken for gone
+PROBE_AFTER, PROBE_WAIT = 20.0, 40.0
+SMALL = 65536  # a file read after a stat miss comes along if at most this big
+
+
+@functools.cache
+def prologue() -> str:
+    """The shell's functions (prologue.sh, package data beside this module) with
+    their values filled in, its leading comment left out (bytes on the wire)."""
+    text = resources.files(__package__).joinpath("prologue.sh").read_text()
+    lines = text.splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    return ("\n" + "".join(lines)).replace("@PATH@", ":".join(SEARCH_PATH)).replace(
+        "@STAT_FORMAT@", STAT_FORMAT).replace("@SMALL@", str(SMALL))
+
+
+class Shell:
+    """The shell part of SSHTarget (a mixin: the state is SSHTarget's)."""
+
+    # -- the persistent shell ----------------------------------------------------
+    def _request(self, script: str, timeout: float | None = None) -> tuple[bytes, int]:
+        """Send one request to the shell; returns (answer bytes, status)."""
+        self._connect()
+        self.stats["command"] += 1
+        try:
+            self._chan.sendall(script.encode() + b"\n")
+        except (OSError, EOFError) as e:
+            raise TargetError(f"{self}: lost the connection: {_why(e)}") from None
+        return self._read_answer(timeout)
+
+    def _read_answer(self, timeout: float | None = None) -> tuple[bytes, int]:
+        """Read up to the next marker line: "N END status" after a request,
+        "N READY" after the prologue (what came before it was rc-file noise)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chan = self._chan
+        while True:
+            taken = take_answer(self._buf, self._nonce)
+            if taken is not None:
+                answer, status, self._buf = taken
+                return answer, 0 if status is None else status
+            while chan.recv_stderr_ready():
+                chan.recv_stderr(65536)  # the shell's own stderr: drained, not kept
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                self.close()
+                raise TargetError(f"{self}: no answer within {timeout:.0f} s; the session was closed")
+            if not self._heard_of_late(now):
+                self.close()
+                raise TargetError(f"{self}: the host stopped answering (no reply to an SSH keepalive within"
+                                  f" {PROBE_WAIT:.0f} s); the session was closed")
+            chan.settimeout(0.5)
+            try:
+                data = chan.recv(1 << 16)
+            except socket.timeout:
+                continue
+            if not data:
+                self.close()
+                raise TargetError(f"{self}: the remote shell ended (connection lost?)")
+            self._buf += data
+            self._heard = time.monotonic()
+
+    def _heard_of_late(self, now: float) -> bool:
+        """False when the host has gone: after PROBE_AFTER s of silence (a long
+        command prints nothing) a keepalive that wants a reply is sent; if no reply
+        comes within PROBE_WAIT s the peer is dead. paramiko's own keepalive wants no
+        reply, so a dead peer would be waited on until TCP gives up (many minutes)."""
+        probe = self._probe
+        if probe is not None:
+            sent, answered = probe
+            if answered.is_set():
+                self._probe, self._heard = None, now
+            elif now - sent > PROBE_WAIT:
+                return False
+        elif now - self._heard > PROBE_AFTER and self._conn is not None:
+            answered = threading.Event()
+            transport = self._conn.client.get_transport()
+
+            def ask():
+                try:  # OpenSSH answers an unknown global request with a failure: any answer will do
+                    transport.global_request("keepalive@openssh.com", wait=True)
+                except Exception:  # noqa: BLE001 - a dead transport: the reply never comes
+                    return
+                if transport.is_active():  # global_request also returns when the transport dies
+                    answered.set()
+            threading.Thread(target=ask, daemon=True, name=f"keepalive {self.hostname}").start()
+            self._probe = (now, answered)
+        return True
+
+    # -- commands ----------------------------------------------------------------
+    def cannot_run(self, argv: tuple[str, ...]) -> str | None:
+        """Why ``argv`` cannot run on this target, or None when it can."""
+        if self.is_host:
+            return None
+        if self.files_only:
+            return "--files-only: commands are left for the host"
+        if self.user not in (None, "root"):
+            return f"running commands inside {self.root} needs chroot, which needs root on the host"
+        if self.find_program(argv[0]) is None:
+            return f"{argv[0]} is not installed in {self.root} (commands run there with chroot)"
+        return None
+
+    def find_program(self, program: str) -> str | None:
+        """The program's path inside the target, if it is there and can run (an
+        ELF binary or a script with #!), as LocalTarget.find_program. Every
+        candidate and the first bytes of the runnable ones come in one fetch (a
+        round more per level of links). A program found stays found for the
+        session: the commands that forget the cache (package installs) add
+        programs, they do not take away the one a plan's next command runs."""
+        if program in self._programs:
+            return self._programs[program]
+        candidates = _candidates(program)
+
+        def runnable(c: str) -> bool:
+            info = self.stat(c)
+            return info is not None and info.kind == "file" and bool(info.mode & 0o111)
+        if not self._offline:
+            if not self._warmed:
+                self._warm_up()
+            self._rounds(lambda: [self._magic_of(c) for c in candidates])
+        for c in candidates:
+            if runnable(c):
+                if self._offline:
+                    return c  # speculating: no round trip for the magic bytes
+                magic = self._magic_of(c)
+                if magic == b"\x7fELF" or magic[:2] == b"#!":
+                    self._programs[program] = c
+                    return c
+        return None
+
+    def find_programs(self, programs: list[str]) -> None:
+        """Look up the programs commands will need, all in one fetch (a round
+        more per level of links), when this target runs commands in a root."""
+        if self.is_host or self.files_only or self.user not in (None, "root") or self._cache_only:
+            return
+        look = lambda: [self._magic_of(c) for p in programs if p not in self._programs  # noqa: E731
+                        for c in _candidates(p)]
+        if self._spec is not None:  # inside a read-ahead: its rounds fetch these too
+            look()
+        else:
+            self._rounds(look)
+
+    def _magic_of(self, path: str) -> bytes:
+        """The first four bytes of the file ``path`` leads to."""
+        def fn():
+            key, info = self._node(path, True)
+            if info is None or info.kind != "file":
+                return b""
+            if key not in self._magic:
+                if key in self._data:
+                    self._magic[key] = self._data[key][:4]
+                elif self._offline:
+                    raise _Miss(key)
+                else:
+                    self._magic[key] = self._head(key, 4)
+            return self._magic[key]
+        return self._speculative(path, "m", b"", fn)
+
+    def _head(self, key: str, size: int) -> bytes:
+        try:
+            with self.sftp.open(key, "rb") as f:
+                return f.read(size)
+        except OSError:
+            return b""
+
+    def _command(self, argv, timeout: float | None, input: str | None, chroot: bool) -> tuple[int, bytes, bytes]:
+        """Run argv through the shell: one quoted command line, stdin from the
+        input (or /dev/null), stdout and stderr framed in base64, fd 9 (the lock)
+        closed. Returns (status, stdout, stderr)."""
+        self._connect()
+        words = ["x_t", str(int(timeout + 0.999)) if timeout else "''"]
+        if chroot and self.root:
+            words += ["env", "-i", f"PATH={':'.join(SEARCH_PATH)}", "LC_ALL=C", "chroot", shlex.quote(self.root)]
+        else:
+            words += ["env", "LC_ALL=C"]
+        words += [shlex.quote(a) for a in argv]
+        script, stdin = "", "/dev/null"
+        if input is not None:
+            encoded = base64.encodebytes(input.encode()).decode()
+            script = f"base64 -d > \"$X/i\" <<'{self._nonce}-IN'\n{encoded}{self._nonce}-IN\n"
+            stdin = '"$X/i"'
+        script += f"(cd / && {' '.join(words)}) <{stdin} >\"$X/o\" 2>\"$X/e\" 9>&-; x_end $?"
+        answer, rc = self._request(script, None if timeout is None else timeout + 30)
+        return (rc, *split_output(answer, self._nonce))
+
+    def run(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
+            input: str | None = None) -> Result:
+        argv = tuple(argv)
+        if self._spec is not None:
+            return Result(argv, 1, "", "not run while reading speculatively")
+        reason = self.cannot_run(argv)
+        if reason:
+            raise TargetError(f"{self}: cannot run {argv[0]}: {reason}")
+        self._invalidate()  # a command may change any file
+        rc, out, err = self._command(argv, timeout, input, chroot=True)
+        if rc == 124 and timeout:
+            return Result(argv, 124, out.decode(errors="replace"), f"{argv[0]}: timed out after {timeout} s")
+        return Result(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
+        """Run a check command of the host (outside any root) on a file of the
+        target, "{}" standing for its path on the host (the temp file before a rename)."""
+        full = tuple(str(file_path) if a == "{}" else a for a in argv)
+        rc, out, err = self._command(full, None, None, chroot=False)
+        if rc == 127:
+            return Result(full, 127, "", f"{full[0]}: command not found on {self} (install it to validate this file)")
+        return Result(full, rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    # -- lock --------------------------------------------------------------------
+    def lock(self, path: str, holder: str) -> None:
+        """Take the target's lock at ``path`` or fail at once naming its holder. The
+        lock is held by the session's shell, so it ends with the session."""
+        self.makedirs(path.rpartition("/")[0])
+        real = self._resolve(path, True)
+        folder, _, name = real.rpartition("/")
+        listing = self._dirs.get(folder)
+        self._forget(real)
+        if listing is not None:  # the lock file is there now, nothing else changed in its folder
+            self._dirs[folder] = sorted(set(listing) | {name})
+        answer, rc = self._request(f"x_lock {shlex.quote(real)} {shlex.quote(holder)}")
+        if rc == 0:
+            self._locked, self._lock_path = True, real
+            return
+        if rc == 1:
+            who = base64.b64decode(answer.replace(b"\n", b"")).decode(errors="replace").strip() or "another process"
+            raise LockHeld(f"{self}: another xenrun run holds the lock {path}: {who}")
+        if rc == 127:
+            raise TargetError(f"{self}: flock (util-linux) is needed on the host to lock {path}")
+        raise TargetError(f"{self}: cannot open the lock {path} (status {rc})")
+
+    def unlock(self) -> None:
+        def release():
+            if self._locked and self._chan is not None:
+                self._locked = False
+                self._request(f"x_unlock {shlex.quote(self._lock_path)}")
+        self._close_appends(meanwhile=release)
+
+
+
+def _candidates(program: str) -> list[str]:
+    """Where a program may be, as the commands' PATH searches."""
+    return [program] if program.startswith("/") else [f"{d}/{program}" for d in SEARCH_PATH]
+
+
+def _why(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0] if text else type(e).__name__
