@@ -187,3 +187,13 @@ def test_plugins_lists_each_plugins_settings(site, sample_plugin):
     assert rows["sample"]["settings"]["sample"]["files"] == {"default": 1, "examples": [],
                                                             "help": "how many /etc/xenrun-sample/N files to write"}
     assert rows["facts"]["settings"] == {}
+
+
+def test_invokes_own_dry_in_a_site_folder_changes_nothing(site):
+    (site / "tasks.py").write_text("from xenrun.tasks import ns\n")
+    before = tree_hash(site)
+    r = subprocess.run([str(INVOKE), "--dry", "setup", "--host", "arch-grub", "--yes", "--files-only"], cwd=site,
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "Plan:" in r.stdout
+    assert tree_hash(site) == before

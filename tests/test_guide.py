@@ -5,6 +5,7 @@ list is the one the code gives."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -74,10 +75,17 @@ def test_the_guides_plugin_sets_up_reruns_and_rolls_back(site, motd_plugin):
     text = config.read_text().replace("[defaults]\n", '[defaults]\nplugins = ["motd"]\n', 1)
     config.write_text(text + '\n[plugin.motd]\ngreeting = "hello"\n')
     root = site / "hosts" / "arch-grub"
+    (root / "etc" / "issue").unlink(missing_ok=True)  # so that the plugin's note is given
     before = tree_hash(root, skip_state=True)
 
     listed = _xenrun("plugins", "--config", config, "--host", "arch-grub", plugin=motd_plugin)
     assert "* motd" in listed.stdout and "[plugin.motd] greeting" in listed.stdout, listed.stderr
+
+    planned = _xenrun("setup", "--config", config, "--host", "arch-grub", "--dry", "--format", "json",
+                      plugin=motd_plugin)
+    assert planned.returncode == 0, planned.stderr
+    assert "motd: /etc/issue did not exist; it is created" in json.loads(planned.stdout)["notes"]
+    assert tree_hash(root, skip_state=True) == before
 
     first = _xenrun("setup", "--config", config, "--host", "arch-grub", "--yes", "--files-only", plugin=motd_plugin)
     assert first.returncode == 0, first.stderr
