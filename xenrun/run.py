@@ -361,9 +361,24 @@ def plugin_table(options: Options) -> list[dict]:
             module = registry.load(name)
             implemented = [h for h in registry.hook_names() if hasattr(module, h)]
         except UsageError as e:
-            implemented = [f"(failed to load: {e})"]
-        rows.append({"name": name, "source": source, "hooks": implemented, "selected": name in selected})
+            implemented, module = [f"(failed to load: {e})"], None
+        rows.append({"name": name, "source": source, "hooks": implemented, "selected": name in selected,
+                     "settings": _declared(module)})
     return rows
+
+
+def _declared(module) -> dict:
+    """A plugin's settings as its declare_settings hook declares them:
+    {"[plugin.NAME]": {key: {"default", "help", "examples"}}}, or {"error": ...}."""
+    if module is None or not hasattr(module, "declare_settings"):
+        return {}
+    try:
+        declared = module.declare_settings() or {}
+        return {section: {key: {"default": s.default, "help": s.help, "examples": list(s.examples)}
+                          for key, s in keys.items()}
+                for section, keys in declared.items()}
+    except Exception as e:  # a plugin's fault: listed, not fatal to the listing
+        return {"error": f"declare_settings raised {type(e).__name__}: {e}"}
 
 
 def stderr_is_tty() -> bool:

@@ -21,6 +21,12 @@ HELP = {**taskhelp.HELP,
 _guard, _plan_only, _show = taskhelp.guard, taskhelp.plan_only, taskhelp.show
 
 
+def _dry(c, dry: bool) -> bool:
+    """``invoke --dry setup`` in a site folder: invoke's own --dry (echo commands)
+    is taken as xenrun's, never ignored while the plan is applied for real."""
+    return dry or bool(c.config.run.dry)
+
+
 def _help(*names: str) -> dict:
     return {n: HELP[n] for n in names}
 
@@ -47,7 +53,7 @@ def _one_or_many(flow: str, single, root, host, config, dry, yes, files_only, fm
 def setup(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text",
           all=False, parallel=fleet.DEFAULT_PARALLEL):
     """Make this host (or --root, or --host, or --all hosts) a Xen dom0: facts, plan, apply."""
-    _one_or_many("setup", lambda o: run.setup(o, taskhelp.confirm), root, host, config, dry, yes, files_only,
+    _one_or_many("setup", lambda o: run.setup(o, taskhelp.confirm), root, host, config, _dry(c, dry), yes, files_only,
                  format, all, parallel)
 
 
@@ -97,7 +103,7 @@ def _parallel(value) -> int:
 def rollback(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text",
              all=False, parallel=fleet.DEFAULT_PARALLEL):
     """Put back the files of the last applied run (once more to go further back)."""
-    _one_or_many("rollback", lambda o: run.rollback(o, taskhelp.confirm), root, host, config, dry, yes, files_only,
+    _one_or_many("rollback", lambda o: run.rollback(o, taskhelp.confirm), root, host, config, _dry(c, dry), yes, files_only,
                  format, all, parallel)
 
 
@@ -132,11 +138,24 @@ def plugins(c, root=None, host=None, config=None, format="text"):
     opts = _guard(lambda: _options(root=root, host=host, config=config, format=format))
     rows = run.plugin_table(opts)
     if format == "json":
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=str))
         return
     for r in rows:
         mark = "*" if r["selected"] else " "
         print(f"{mark} {r['name']:<10} {r['source']:<30} {', '.join(r['hooks'])}")
+        _print_settings(r["settings"])
+
+
+def _print_settings(declared: dict) -> None:
+    if "error" in declared:
+        print(f"    settings: {declared['error']}")
+        return
+    for section, keys in declared.items():
+        for key, s in keys.items():
+            default = "" if s["default"] is None else f" (default {json.dumps(s['default'], default=str)})"
+            print(f"    [plugin.{section}] {key}{default}: {s['help'] or 'no help given'}")
+            if s["examples"]:
+                print(f"        e.g. {'; '.join(f'{key} = {json.dumps(e, default=str)}' for e in s['examples'])}")
 
 
 @task(auto_shortflags=False, help={**_help("root", "host", "config", "format"),
@@ -170,7 +189,7 @@ def boot_check(c, root=None, host=None, config=None, format="text", until="kerne
 def promote(c, root=None, host=None, config=None, dry=False, yes=False, files_only=False, format="text",
             all=False, parallel=fleet.DEFAULT_PARALLEL):
     """Make Xen the default boot entry once `xl list` shows Domain-0 (S10, S15)."""
-    _one_or_many("promote", lambda o: run.promote(o, taskhelp.confirm), root, host, config, dry, yes, files_only,
+    _one_or_many("promote", lambda o: run.promote(o, taskhelp.confirm), root, host, config, _dry(c, dry), yes, files_only,
                  format, all, parallel)
 
 
