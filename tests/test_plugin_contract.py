@@ -221,3 +221,22 @@ def test_bridge_port_is_the_physical_port_behind_the_bridge_on_a_second_run(site
     (net / "enp3s0/master").unlink()
     found = run.facts(run.Options(config=str(site / "plugins.toml"), host="arch-grub"))[1]
     assert found.bridge_port is None  # only a guest's vif behind it: cannot be told
+
+
+@pytest.mark.parametrize("mode", ["raise", "wrong"])
+def test_a_failing_disk_plugin_is_the_plugins_fault(site, faulty_plugin, monkeypatch, mode):
+    """create_domain through the same facade: the faulty disk plugin stands in for
+    the image backend (in-process: domains.toml's backends are a closed list)."""
+    from xenrun import guests, registry, run
+    from xenrun.errors import PluginFault
+    monkeypatch.syspath_prepend(str(faulty_plugin))
+    monkeypatch.setitem(registry.BUILTIN, "image", "xenrun_faulty.disk")
+    monkeypatch.setenv("XENRUN_FAULT", f"create_domain:{mode}")
+    before = tree_hash(site)
+    opts = guests.DomainOptions(run.Options(config=str(site / "plugins.toml"), host="arch-grub", dry=True,
+                                            files_only=True))
+    with pytest.raises(PluginFault) as e:
+        guests.create(opts, "arch-pv", lambda result: False)
+    assert (e.value.plugin, e.value.hook, e.value.host) == ("image", "create_domain", "arch-grub")
+    assert e.value.exit_code == 3 and "xenrun_faulty/" in e.value.where
+    assert tree_hash(site) == before
