@@ -66,10 +66,16 @@ def available() -> str | None:
     return None
 
 
-def start_sshd(folder: Path, sftp: str = "/usr/lib/openssh/sftp-server", timeout: float = 10) -> SSHServer:
+def start_sshd(folder: Path, sftp: str = "/usr/lib/openssh/sftp-server", timeout: float = 10,
+               bashrc: str | None = None, read_only_tmp: Path | None = None) -> SSHServer:
     """Start sshd with its keys and config under ``folder``. ``sftp`` is the SFTP
     subsystem: the external server (run through root's login shell, as on most
-    hosts) or "internal-sftp"."""
+    hosts) or "internal-sftp".
+
+    A host that misbehaves, without touching this machine: sshd then runs in a
+    mount namespace of its own (unshare -m), where ``bashrc`` (the text of an rc
+    file) is bound over root's ~/.bashrc, and ``read_only_tmp`` is a read-only
+    tmpfs that sessions get as TMPDIR."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     host_key, client_key = folder / "host_ed25519", folder / "client_ed25519"
@@ -99,9 +105,20 @@ PrintMotd no
 MaxSessions 50
 MaxStartups 50:30:100
 Subsystem sftp {sftp}
-""")
+""" + (f"SetEnv TMPDIR={read_only_tmp}\n" if read_only_tmp else ""))
+    command = [SSHD, "-D", "-e", "-f", str(config)]
+    if bashrc is not None or read_only_tmp is not None:
+        mounts = []
+        if bashrc is not None:
+            (folder / "bashrc").write_text(bashrc)
+            mounts.append(f"mount --bind {folder / 'bashrc'} {Path.home() / '.bashrc'}")
+        if read_only_tmp is not None:
+            Path(read_only_tmp).mkdir(parents=True, exist_ok=True)
+            mounts.append(f"mount -t tmpfs -o ro,size=64k xenrun-test-ro {read_only_tmp}")
+        command = ["unshare", "-m", "--propagation", "private", "sh", "-ec",
+                   " && ".join(mounts) + ' && exec "$@"', "sshd", *command]
     log = open(folder / "sshd.log", "ab")
-    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
+    process = subprocess.Popen(command, stdout=log, stderr=log,
                                stdin=subprocess.DEVNULL)
     log.close()
     server = SSHServer(port, client_key, folder, process)

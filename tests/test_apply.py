@@ -62,9 +62,9 @@ def test_dry_writes_nothing_and_predicts_exactly_what_apply_changes(site, host):
 def test_text_plan_shows_diffs_and_summary(site):
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry", "--files-only")
     assert r.returncode == 0, r.stderr
-    assert "+none /proc/xen xenfs defaults 0 0" in r.stdout
+    assert "+none /proc/xen xenfs defaults,nofail 0 0" in r.stdout
     assert "! $ grub-mkconfig -o /boot/grub/grub.cfg" in r.stdout
-    assert re.search(r"^Plan: 9 to change, 1 unchanged, 4 left for the host\.$", r.stdout, re.M)
+    assert re.search(r"^Plan: 10 to change, 1 unchanged, 4 left for the host\.$", r.stdout, re.M)
 
 
 def test_no_terminal_and_no_yes_only_plans(site):
@@ -191,7 +191,7 @@ def test_rollback_restores_the_last_runs_originals(site):
     assert setup_json(site, "arch-grub", "--yes")[0].returncode == 0
     applied = tree_hash(root, skip_state=True)
     r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry")
-    assert r.returncode == 0 and "-none /proc/xen xenfs defaults 0 0" in r.stdout
+    assert r.returncode == 0 and "-none /proc/xen xenfs defaults,nofail 0 0" in r.stdout
     assert tree_hash(root, skip_state=True) == applied
     r = run_xenrun("rollback", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes")
     assert r.returncode == 0, r.stderr

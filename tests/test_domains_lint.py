@@ -117,5 +117,5 @@ def test_rendered_configs_round_trip_through_the_parser():
     from test_domains import ARTICLE_HVM, ARTICLE_PV
     for text in (ARTICLE_PV, ARTICLE_HVM):
         pairs = [(e.key, e.value) for e in xlcfg.parse(text)]
-        style = "hvm" if "builder" in dict(pairs) else "pv"
+        style = "hvm" if dict(pairs).get("type") == "hvm" else "pv"
         assert xlcfg.render(pairs, style) == text

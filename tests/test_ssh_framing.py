@@ -24,7 +24,7 @@ class LocalShell:
         env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)}
         self.p = subprocess.Popen(["/bin/sh"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.buf = noise  # what rc files would print before the prologue runs
-        self.send(f"N={NONCE}\n" + prologue())
+        self.send(f"N={NONCE}\nB=1\n" + prologue())
         assert self.answer() == (b"", None)
 
     def send(self, script: str) -> None:

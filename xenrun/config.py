@@ -4,7 +4,8 @@ Shape (see examples/plugins.toml)::
 
     [defaults]            boot, network, disks, plugins
     [hosts.NAME]          the same keys, plus address (user@host[:port] for SSH),
-                          identity (the SSH key file), and root: a machine root
+                          identity (the SSH key file), timeout (seconds an SSH
+                          host may stay silent; also in [defaults]), and root: a machine root
                           folder (relative to plugins.toml), or with address an
                           absolute folder on that host holding a machine's root;
     [hosts.NAME.plugin.P] settings of plugin P for this host only
@@ -29,7 +30,7 @@ from xenrun.settings import Setting
 # boot, network and disk plugins are chosen in plugins.toml; none until a site says so
 DEFAULTS = {"boot": "none", "network": "none", "disks": [], "plugins": []}
 _SELECTION_KEYS = ("boot", "network", "disks", "plugins")
-_HOST_KEYS = _SELECTION_KEYS + ("root", "address", "identity", "plugin")
+_HOST_KEYS = _SELECTION_KEYS + ("root", "address", "identity", "timeout", "plugin")
 _TOP_KEYS = ("defaults", "hosts", "plugin", "groups")
 NONE = "none"  # boot = "none" / network = "none": leave that part alone
 
@@ -78,6 +79,7 @@ class HostSpec:
     root: Path | None = None  # a local folder (no address) or a folder on the SSH host
     address: str | None = None
     identity: Path | None = None
+    timeout: float | None = None  # seconds an SSH host may stay silent (None: the target's default)
     configured: bool = False  # False when the host has no [hosts.NAME] table
 
     @property
@@ -122,7 +124,8 @@ class Site:
             name=name, boot=merged["boot"], network=merged["network"],
             disks=tuple(merged["disks"]), plugins=tuple(merged["plugins"]),
             root=Path(root) if root else None, address=address,
-            identity=(self.folder / identity).resolve() if identity else None, configured=table is not None)
+            identity=(self.folder / identity).resolve() if identity else None, timeout=merged.get("timeout"),
+            configured=table is not None)
 
     def selection_origin(self, host: str, name: str) -> tuple[str, ...]:
         """The TOML path that selected plugin ``name`` for ``host`` (for errors)."""
@@ -209,7 +212,7 @@ def _check_structure(site: Site) -> None:
     for key in _TOP_KEYS:
         if key in data and not isinstance(data[key], dict):
             raise site.error((key,), "must be a table, as [" + key + "]")
-    _check_selection(site, ("defaults",), data.get("defaults", {}), _SELECTION_KEYS)
+    _check_selection(site, ("defaults",), data.get("defaults", {}), _SELECTION_KEYS + ("timeout",))
     for plugin, path in site.plugin_tables():
         _named(site, path, plugin)
         table = data
@@ -237,6 +240,11 @@ def _check_structure(site: Site) -> None:
                     raise site.error(("hosts", host, "root"), f"with address, a folder on that host: {e}") from None
             elif not (site.folder / value).is_dir():
                 raise site.error(("hosts", host, "root"), f"folder {value!r} does not exist (relative to {site.folder})")
+            if (site.folder / value).resolve() == Path("/") if "address" not in table else value.rstrip("/") == "":
+                # a root of "/" (or one climbing up to it) is the machine itself, which
+                # a root is meant to stand in for: say so rather than run there
+                raise site.error(("hosts", host, "root"), f"{value!r} is the machine's own root;"
+                                                          " leave root out to mean the machine itself")
         if "identity" in table:
             value = table["identity"]
             if not isinstance(value, str) or not (site.folder / value).is_file():
@@ -265,6 +273,9 @@ def _check_selection(site: Site, path: tuple[str, ...], table: dict, allowed: tu
             raise site.error(where, f"unknown key (known: {', '.join(allowed)})")
         if key in ("boot", "network"):
             _named(site, where, value)
+        elif key == "timeout" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                   or not 1 <= value <= 3600):
+            raise site.error(where, "must be a number of seconds from 1 to 3600 (how long an SSH host may stay silent)")
         elif key in ("disks", "plugins"):
             if not isinstance(value, list):
                 raise site.error(where, f"must be a list of plugin names, got {check._kind(value)}")

@@ -367,11 +367,20 @@ def _disks(src: DomainFile, name: str, raw, where: tuple[str, ...]) -> tuple[Dis
         if backend == "lvm" and lv is None:
             lv = name if not out else f"{name}-{vdev}"
         out.append(DiskSpec(
-            backend=backend, vdev=vdev, size=size, path=get("path", check.absolute_path), vg=get("vg", check.name),
+            backend=backend, vdev=vdev, size=size, path=get("path", _disk_path), vg=get("vg", check.name),
             lv=lv, device=get("device", check.absolute_path), grow=get("grow", check.boolean, False),
             access=get("access", check.choice("w", "r"), "w"),
             key=f"disks.{i}"))
     return tuple(out)
+
+
+def _disk_path(value) -> str:
+    """An image's own path: absolute, and nothing xl's disk spec would read as a
+    separator or a quote."""
+    path = check.absolute_path(value)
+    if any(c in path for c in ",'\" \t") or path.endswith("/"):
+        raise ValueError(f"{path!r} cannot be a disk image's path: no commas, quotes, spaces or trailing '/'")
+    return path
 
 
 def _vifs(src: DomainFile, name: str, raw, where: tuple[str, ...]) -> tuple[Vif, ...]:

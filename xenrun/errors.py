@@ -45,6 +45,13 @@ class TargetError(UsageError):
     possible, host unreachable). Raised by the targets (xenrun.targets) before anything changes."""
 
 
+class HostLost(TargetError):
+    """An SSH host stopped answering (or its connection dropped) mid-run: the
+    session was closed, and the target refuses everything after. Exit code 2 as
+    for a host that cannot be reached; the next run recovers what this one left.
+    Raised by the SSH target (xenrun.targets.ssh)."""
+
+
 class LockHeld(UsageError):
     """Another run holds the target's lock. Raised by apply.py."""
 

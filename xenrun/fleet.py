@@ -11,7 +11,7 @@ A host's failure stays that host's: it is caught on its thread and becomes its
 status, the others go on.
 
 - ``failed``: a step of the apply failed; every file it changed was put back
-- ``unreachable``: no SSH session could be opened
+- ``unreachable``: no SSH session could be opened, or the host stopped answering mid-run
 - ``invalid``: its facts, plan or target refused the run (nothing was touched)
 - ``plugin fault``: a plugin's hook raised, or returned the wrong thing (nothing
   was touched; the block naming plugin, hook and file:line follows the table)
@@ -47,7 +47,7 @@ import structlog
 
 from xenrun import run
 from xenrun.config import load_site
-from xenrun.errors import ApplyError, ConfigError, PluginFault, TargetError, UsageError
+from xenrun.errors import ApplyError, ConfigError, HostLost, PluginFault, TargetError, UsageError
 from xenrun.facts import Facts
 from xenrun.plan import CHANGE
 from xenrun.settings import name as check_name
@@ -172,7 +172,8 @@ def _one(p: run.Prepared, options: run.Options, confirm, flow: str) -> HostRun:
             out.status, out.error = "failed", str(e)
         except TargetError as e:
             never_connected = target.remote and not target.stats.get("connect")
-            out.status, out.error = ("unreachable" if never_connected else "invalid"), str(e)
+            unreachable = never_connected or isinstance(e, HostLost)  # HostLost: stopped answering mid-run
+            out.status, out.error = ("unreachable" if unreachable else "invalid"), str(e)
         except UsageError as e:
             out.status, out.error = "invalid", str(e)
         except Exception as e:  # noqa: BLE001 - a bug on one host must not stop the others

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from xenrun import run, xlcfg
-from xenrun.changes import Change, RemoveFile, RunCommand, Symlink, WriteFile
+from xenrun.changes import Change, RemoveFile, RunCommand, SparseFile, Symlink, WriteFile
 from xenrun.domains import (CONFIG_DIR, ISO_KERNELS, ISO_RAMDISKS, Domain, archiso_extra, derived_mac,
                             guest_notes, iso_reader, lacks_boot_config, load_domains, random_mac)
 from xenrun.errors import PlanError, UsageError
@@ -150,6 +150,7 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
         plugin, answer = p.plugins.domain_disk(facts, p.host, spec, disk)
         if answer is None:
             raise spec.error(f"{disk.key}.backend", f"no plugin answered for backend {disk.backend!r}")
+        _check_disk_files(p, spec, disk, answer.changes, current)
         changes += answer.changes
         entries.append(answer.entry)
         notes += answer.notes
@@ -188,6 +189,28 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
                                                             f" (VNC on port {5900 + spec.vnc.display})"
                                                             if spec.vnc and spec.vnc.display is not None else "")))
     return [c if c.plugin else dataclasses.replace(c, plugin="domain") for c in changes], notes
+
+
+def _check_disk_files(p: run.Prepared, domain: Domain, disk, changes, current: list | None) -> None:
+    """A disk image may only be made where nothing is, or be a regular file that is
+    already this guest's (its xl config uses it) or in its plugin's disk folder
+    (the plugin's ``dir`` setting): never any other file of the host, which it
+    would grow with zeros and hand to the guest to write on."""
+    ours = {xlcfg.disk_target(d) for e in current or [] if e.key == "disk" and isinstance(e.value, list)
+            for d in e.value}
+    folder = str(p.host.settings.get(disk.backend, {}).get("dir") or "").rstrip("/")
+    for change in changes:
+        if not isinstance(change, SparseFile):
+            continue
+        info = p.target.lstat(change.path)
+        if info is None:
+            continue
+        key = f"{disk.key}.path" if disk.path else f"{disk.key}.backend"
+        if info.kind != "file":
+            raise domain.error(key, f"{change.path} is a {info.kind} on {p.target}, not a disk image file")
+        if change.path not in ours and not (folder and change.path.startswith(folder + "/")):
+            raise domain.error(key, f"{change.path} is an existing file outside the disk folder ({folder or 'none'})"
+                                    f" that {domain.name}'s config does not use: xenrun will not make it a disk")
 
 
 def _finding(f: xlcfg.Finding) -> str:

@@ -43,6 +43,13 @@ class Options:
     def __post_init__(self):
         if self.format not in ("text", "json"):
             raise UsageError(f"--format: {self.format!r} is not one of: text, json")
+        if self.root is not None:
+            from pathlib import Path
+            if not self.root.strip() or "\0" in self.root:
+                raise UsageError("--root: empty; give a machine's root folder, or leave --root out for this machine")
+            if Path(self.root).resolve() == Path("/"):
+                raise UsageError(f"--root: {self.root!r} is this machine's own root;"
+                                 " leave --root out to mean this machine")
         if self.host is not None:
             try:
                 check_name(self.host)
@@ -83,7 +90,7 @@ def prepare_in(site: Site, options: Options) -> Prepared:
             keys = {"key_filename": str(spec.identity), "look_for_keys": False, "allow_agent": False} \
                 if spec.identity else {}
             remote = SSHTarget(spec.address, root=str(spec.root) if spec.root else None,  # connects on first use
-                               files_only=options.files_only, connect_kwargs=keys)
+                               files_only=options.files_only, connect_kwargs=keys, timeout=spec.timeout)
         elif spec.root is not None:
             root = str(spec.root)
     if root is not None:

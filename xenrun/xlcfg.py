@@ -79,7 +79,7 @@ def settings_of(domain: Domain, disk_entries: list[str], kernel: str | None = No
     them. ``kernel``/``ramdisk``/``extra`` replace the spec's (an ISO boot)."""
     pairs: list[tuple[str, object]] = [("name", domain.name)]
     if domain.type == "hvm":
-        pairs.append(("builder", "hvm"))
+        pairs.append(("type", "hvm"))  # builder= is deprecated since xl 4.10
     if domain.bootloader:
         pairs.append(("bootloader", domain.bootloader))
     for key, value in (("kernel", kernel or domain.kernel), ("ramdisk", ramdisk or domain.ramdisk),

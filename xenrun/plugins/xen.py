@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from xenrun.api import (hookimpl, checks as check, EnsureLine, RemoveFile, RunCommand, Symlink, PlanError,
                         profile_for, Setting, warn)
-XENFS_LINE = "none /proc/xen xenfs defaults 0 0"
+# nofail: the kept plain-Linux entry (S10) has no xenfs, and without nofail systemd
+# would stop that boot in emergency mode over this line; under Xen it mounts as before
+XENFS_LINE = "none /proc/xen xenfs defaults,nofail 0 0"
+XL_CONF = "/etc/xen/xl.conf"
 UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 AUR_HELPERS = ("paru", "yay")
 
@@ -79,6 +82,11 @@ def configure_host(facts, host):
         changes += _services(facts, profile)
     changes.append(EnsureLine("/etc/fstab", XENFS_LINE, replace=r"^\s*\S+\s+/proc/xen\s",
                               step="S13", why="mount xenfs on /proc/xen"))
+    if s["dom0_mem"]:
+        # with dom0's memory fixed on Xen's line, xl must not balloon dom0 down to
+        # make room for guests (xl.conf's autoballoon="auto" means exactly that)
+        changes.append(EnsureLine(XL_CONF, 'autoballoon="off"', replace=r"^\s*#?\s*autoballoon\s*=",
+                                  step="S14", why="dom0_mem is fixed: xl must not balloon dom0"))
     changes.append(RemoveFile("/etc/udev/rules.d/xend.rules", step="S27",
                               why="xend is gone; its udev rule makes errors"))
     return changes

@@ -92,7 +92,10 @@ class LocalTarget(Target):
             sub = "/" + "/".join(parts[:i])
             real = self.real(sub)
             if not real.exists():
-                real.mkdir(mode=0o755)
+                try:
+                    real.mkdir(mode=0o755)
+                except FileExistsError:  # another run made it a moment ago: not ours to undo
+                    continue
                 created.append(sub)
         return created
 
@@ -212,11 +215,12 @@ class LocalTarget(Target):
 
     # -- commands ----------------------------------------------------------------
     def cannot_run(self, argv: tuple[str, ...]) -> str | None:
-        """Why ``argv`` cannot run on this target, or None when it can."""
-        if self.is_host:
-            return None
+        """Why ``argv`` cannot run on this target, or None when it can. With
+        --files-only nothing runs, on any target: not a command, not a guard."""
         if self.files_only:
             return "--files-only: commands are left for the host"
+        if self.is_host:
+            return None
         if os.geteuid() != 0:
             return f"running commands inside {self.root} needs chroot, which needs root"
         if self.find_program(argv[0]) is None:
@@ -271,7 +275,18 @@ class LocalTarget(Target):
         kernel drops the lock when the process dies, so a killed run leaves none."""
         self.makedirs(path.rpartition("/")[0])
         real = self.real(path)
-        fd = os.open(real, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # never through a link: the lock is written to, and must be the root's own file
+            fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as e:
+            raise TargetError(f"{self}: cannot open the lock {path}: {e.strerror}"
+                              + (" (it is a symbolic link: remove it)" if e.errno == errno.ELOOP else "")) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise TargetError(f"{self}: the lock {path} is not a plain file of its own"
+                              f" ({'hard-linked elsewhere' if st.st_nlink != 1 else 'not a regular file'}):"
+                              " remove it; xenrun makes a new one")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -45,7 +45,7 @@ from collections import Counter
 from xenrun.errors import TargetError
 from xenrun.targets.base import Target
 from xenrun.targets.ssh.cache import Cache
-from xenrun.targets.ssh.connection import CONNECT_TIMEOUT, Connection, known_hosts_file, parse_address
+from xenrun.targets.ssh.connection import CONNECT_TIMEOUT, TIMEOUT, Connection, known_hosts_file, parse_address
 from xenrun.targets.ssh.sftp import Files
 from xenrun.targets.ssh.shell import Shell
 
@@ -58,7 +58,11 @@ class SSHTarget(Connection, Shell, Cache, Files, Target):
     remote = True
 
     def __init__(self, address: str, root: str | None = None, files_only: bool = False,
-                 connect_timeout: float = CONNECT_TIMEOUT, connect_kwargs: dict | None = None):
+                 connect_timeout: float = CONNECT_TIMEOUT, connect_kwargs: dict | None = None,
+                 timeout: float | None = None):
+        """``timeout``: how long the host may stay silent before it is given up
+        on (plugins.toml's ``timeout``; TIMEOUT when None); the handshake gets at
+        most ``connect_timeout`` of it."""
         self.address = address
         self.user, self.hostname, self.port = parse_address(address)
         self.root = posixpath.normpath(root).rstrip("/") or None if root else None
@@ -66,7 +70,9 @@ class SSHTarget(Connection, Shell, Cache, Files, Target):
             raise TargetError(f"{address}: root must be an absolute path on the host: {root!r}")
         self._prefix = self.root or ""  # a host is resolved as a root at "/"
         self.files_only = files_only
-        self.connect_timeout = connect_timeout
+        self.timeout = float(timeout or TIMEOUT)
+        self.connect_timeout = min(connect_timeout, self.timeout)
+        self._lost = ""  # why the host was given up on: every later operation raises HostLost with it
         self.connect_kwargs = connect_kwargs or {}
         self.stats: Counter = Counter()  # round trips: "command" (shell requests), "sftp" (requests)
         self._conn = self._sftp = self._chan = None

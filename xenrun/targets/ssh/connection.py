@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import logging
 import os
 import secrets
 import shlex
+import socket
 import threading
 import time
 
 import structlog
 
-from xenrun.errors import TargetError
+from xenrun.errors import HostLost, TargetError
+from xenrun.targets.ssh.framing import find_line
 from xenrun.targets.ssh.shell import _why, prologue
 
 log = structlog.get_logger()
 
-CONNECT_TIMEOUT = 10
-SFTP_TIMEOUT = 120.0  # one SFTP request: an answer or the host is gone
+CONNECT_TIMEOUT = 10  # the handshake, at most (and at most the host's timeout)
+TIMEOUT = 60.0  # a host silent this long is given up on (plugins.toml's timeout, per host)
 
 
 def parse_address(address: str) -> tuple[str | None, str, int | None]:
@@ -34,20 +37,31 @@ def parse_address(address: str) -> tuple[str | None, str, int | None]:
 
 
 class Connection:
-    """The connection part of SSHTarget (a mixin: the state is SSHTarget's)."""
+    """The connection part of SSHTarget (a mixin: the state is SSHTarget's).
+
+    Every wait on the host is bounded by ``self.timeout`` (plugins.toml's
+    ``timeout``): the handshake, the login shell starting the shell or the SFTP
+    server, every answer (a command's heartbeats count), every SFTP request. A
+    host that stays silent that long is given up on (HostLost): the session is
+    closed, nothing more is sent, and the next run recovers, as after SIGKILL."""
 
     def _connect(self) -> None:
         if self._conn is not None:
             return
+        if self._lost:
+            raise HostLost(self._lost)
         import fabric  # ~0.25 s of imports, paid only by SSH runs
         import paramiko
+        _quiet_paramiko()
 
-        kwargs = {"banner_timeout": self.connect_timeout, "auth_timeout": self.connect_timeout,
+        wait = self.connect_timeout
+        kwargs = {"banner_timeout": wait, "auth_timeout": wait, "channel_timeout": wait,
                   "transport_factory": _aead_first_transport(), **self.connect_kwargs}
         conn = fabric.Connection(self.hostname, user=self.user, port=self.port,
-                                 connect_timeout=max(1, int(self.connect_timeout)), connect_kwargs=kwargs)
+                                 connect_timeout=max(1, int(wait)), connect_kwargs=kwargs)
         known = known_hosts_file()
         name = f"[{self.hostname}]:{self.port}" if self.port not in (None, 22) else self.hostname  # as in the file
+        started = time.monotonic()
         try:
             # Fabric accepts any host key; xenrun checks them as OpenSSH's
             # StrictHostKeyChecking=accept-new does: a known host must show its
@@ -58,45 +72,109 @@ class Connection:
             conn.client.set_missing_host_key_policy(_accept_new(known))
             conn.open()
             transport = conn.client.get_transport()
-            transport.set_keepalive(15)  # keeps NAT and firewalls open; dead peers: _heard_of_late
-            self._heard, self._probe = time.monotonic(), None
+            transport.set_keepalive(max(1, int(min(15, self.timeout / 2))))  # NAT and firewalls; dead peers: probes
+            self._conn = conn
             self.stats["connect"] += 1
             # The shell starts through the login shell (and its rc files); the SFTP
             # server too, so it starts only when a write needs it (self.sftp): a
             # run with nothing to change starts one program on the host, not two.
             self._nonce = "xenrun-" + secrets.token_hex(8)
-            chan = transport.open_session(timeout=self.connect_timeout)
-            chan.exec_command("exec /bin/sh")
-            # the root itself may be a link: its real path, asked right after the prologue
-            real_root = "" if not self.root else (
-                f"if d=$(cd -P {shlex.quote(self.root)} 2>/dev/null && pwd -P); then printf '%s' \"$d\" | base64;"
-                " fi; printf '%s END 0\\n' \"$N\"\n")
-            chan.sendall(f"N={self._nonce}\n".encode() +
-                         prologue().encode())
-            self._chan = chan
-            self._read_answer(timeout=max(30, self.connect_timeout))
-            if self.root:  # (after READY: an answer's end marker must not come before it)
-                chan.sendall(real_root.encode())
-                answer, _ = self._read_answer(timeout=max(30, self.connect_timeout))
+            self._heard, self._probe, self._buf = time.monotonic(), None, b""
+            self._chan = self._login_shell(transport)
+            # N: the answers' marker; B: seconds between a running command's heartbeats
+            self._chan.sendall(f"N={self._nonce}\nB={max(1, int(self.timeout / 4))}\n{prologue()}".encode())
+            self._read_answer()
+            if self.root:  # the root itself may be a link: its real path (after READY: markers come in order)
+                answer, _ = self._request(
+                    f"if d=$(cd -P {shlex.quote(self.root)} 2>/dev/null && pwd -P); then printf '%s' \"$d\" | base64;"
+                    " fi; printf '%s END 0\\n' \"$N\"", count=False)
                 real = base64.b64decode(answer.replace(b"\n", b"")).decode(errors="surrogateescape")
                 if not real.startswith("/"):
-                    raise OSError(f"{self.root}: no such folder on the host")
+                    raise TargetError(f"{self}: {self.root}: no such folder on the host")
                 self.root = self._prefix = real
         except TargetError:
-            conn.close()
+            self._drop(conn)
             raise
         except paramiko.BadHostKeyException as e:
-            conn.close()
+            self._drop(conn)
             raise TargetError(f"{self}: its host key is not the one {known} has for {name} (got"
                               f" {e.key.get_name()} {_fingerprint(e.key)}, expected {_fingerprint(e.expected_key)});"
                               " not connecting. If the host was reinstalled, remove the old key:"
                               f" ssh-keygen -R '{name}' -f {known}") from None
         except (OSError, EOFError, paramiko.SSHException) as e:
-            conn.close()
-            self._chan = self._sftp = None
-            raise TargetError(f"cannot reach {self}: {_why(e)}") from None
-        self._conn = conn
+            self._drop(conn)
+            raise TargetError(f"cannot reach {self}: {_handshake_why(e, time.monotonic() - started, wait)}") from None
         self.user = conn.user
+
+    def _drop(self, conn) -> None:
+        """Close ``conn`` without another word to the host (a failed connect, a lost host)."""
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing what is broken
+            pass
+        self._conn = self._sftp = self._chan = None
+        self._appends.clear()
+        self._append_real.clear()
+        self._dir_handles.clear()
+        self._locked = False
+
+    def _lose(self, why: str) -> HostLost:
+        """The host stopped answering: close the session at once (no request more:
+        each would wait too) and refuse everything after; returns the error to raise."""
+        if not self._lost:
+            self._lost = (f"cannot reach {self}: {why}; gave up and closed the session"
+                          " (the next run recovers what this one left)")
+            if self._conn is not None:
+                self._drop(self._conn)
+        return HostLost(self._lost)
+
+    def _login_shell(self, transport):
+        """A channel running ``exec /bin/sh`` through the login shell, read up to the
+        line the command prints once the rc files are done (what they printed
+        before it is skipped). An rc file waiting for input is given empty lines,
+        which the shell then reads as empty commands. The rc files see nothing
+        xenrun sends after that."""
+        chan = transport.open_session(timeout=self.connect_timeout)
+        chan.exec_command(f"printf '%s\\n' {self._nonce}-START; exec /bin/sh")
+        self._wait_for_line(chan, f"{self._nonce}-START", nudge=True, what="start the shell")
+        return chan
+
+    def _wait_for_line(self, chan, line: str, nudge: bool, what: str, other: str | None = None) -> str:
+        """Read ``chan`` up to a line that is ``line`` (or starts with ``other``);
+        returns that line. At most self.timeout seconds; ``nudge``: send an empty
+        line each half second meanwhile (for an rc file that reads stdin)."""
+        deadline = time.monotonic() + self.timeout
+        buf, next_nudge = b"", time.monotonic() + 0.5
+        markers = [line.encode()] + ([other.encode()] if other else [])
+        while True:
+            for marker in markers:
+                found = find_line(buf, marker)
+                if found is not None:
+                    return found
+            nl = buf.rfind(b"\n")
+            if nl > 0:
+                buf = buf[nl:]  # rc-file noise: only the last line may still become the marker
+            while chan.recv_stderr_ready():
+                chan.recv_stderr(65536)
+            now = time.monotonic()
+            if now > deadline:
+                raise self._lose(f"the login shell did not {what} within {self.timeout:.0f} s"
+                                 " (an rc file of root's shell waiting for input?)")
+            chan.settimeout(0.25)
+            try:
+                data = chan.recv(1 << 16)
+            except socket.timeout:
+                data = None
+            except (OSError, EOFError) as e:
+                raise self._lose(f"the connection dropped ({_why(e)})") from None
+            if data == b"":
+                raise TargetError(f"{self}: the login shell ended before it could {what}"
+                                  f" (exit status {chan.recv_exit_status()})")
+            if data:
+                buf += data
+            if nudge and time.monotonic() >= next_nudge:
+                chan.sendall(b"\n")
+                next_nudge = time.monotonic() + 0.5
 
     def _count_sftp(self, sftp) -> None:
         """Count in self.stats every SFTP request ("sftp") and every wait for
@@ -114,26 +192,97 @@ class Connection:
 
     def close(self) -> None:
         """Close the session (releases the lock on the host)."""
-        self._close_appends()
         if self._conn is not None:
-            self._conn.close()
-        self._conn = self._sftp = self._chan = None
+            self._close_appends()
+            self._drop(self._conn)
         self._locked = False
-
 
     @property
     def sftp(self):
-        """The SFTP session, started on first use."""
+        """The SFTP session, started on first use: sftp-server run by a shell of
+        xenrun's (started as the persistent one is), so that nothing the rc files
+        print gets into the SFTP stream; the "sftp" subsystem only where no
+        sftp-server program is found (internal-sftp)."""
         self._connect()
         if self._sftp is None:
             import paramiko
+            transport = self._conn.client.get_transport()
             try:
-                self._sftp = self._conn.sftp()
+                chan = self._login_shell(transport)
+                chan.sendall(SFTP_START.replace("$N", self._nonce).encode())
+                found = self._wait_for_line(chan, f"{self._nonce} SFTP", nudge=False, what="start sftp-server",
+                                            other=f"{self._nonce} NOSFTP")
+                if found.endswith("NOSFTP"):
+                    chan.close()
+                    chan = transport.open_session(timeout=self.connect_timeout)
+                    chan.invoke_subsystem("sftp")
+                chan.settimeout(self.timeout)
+                self._sftp = paramiko.SFTPClient(_Guarded(chan, self))
             except (OSError, EOFError, paramiko.SSHException) as e:
                 raise TargetError(f"{self}: cannot start SFTP: {_why(e)}") from None
-            self._sftp.get_channel().settimeout(SFTP_TIMEOUT)
             self._count_sftp(self._sftp)
         return self._sftp
+
+
+# sftp-server where sshd_config's Subsystem line says, else where distributions
+# put it; "$N SFTP" just before it starts, so its stream begins clean
+SFTP_START = (
+    "s=$(sed -n 's/^[[:space:]]*[Ss]ubsystem[[:space:]][[:space:]]*sftp[[:space:]][[:space:]]*\\([^[:space:]]*\\).*/\\1/p'"
+    " /etc/ssh/sshd_config 2>/dev/null | head -n 1)\n"
+    "for p in \"$s\" /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/lib/ssh/sftp-server"
+    " /usr/libexec/sftp-server /usr/lib/sftp-server; do"
+    " case $p in /*) if [ -x \"$p\" ] && [ -f \"$p\" ]; then printf '%s SFTP\\n' $N; exec \"$p\"; fi;; esac; done;"
+    " printf '%s NOSFTP\\n' $N; exit 0\n")
+
+
+class _Guarded:
+    """The SFTP channel as paramiko's SFTPClient sees it: a wait that times out, a
+    dropped connection or a stream that ends mid-request loses the host (HostLost:
+    the session closed) instead of an OSError a caller could take for a file's."""
+
+    def __init__(self, chan, target):
+        self._chan, self._target = chan, target
+
+    def recv(self, n: int) -> bytes:
+        try:
+            data = self._chan.recv(n)
+        except (OSError, EOFError) as e:
+            raise self._target._lose(self._why(e, "no SFTP answer")) from None
+        if not data:
+            raise self._target._lose("the connection dropped (the SFTP session ended)")
+        return data
+
+    def send(self, data: bytes) -> int:
+        try:
+            return self._chan.send(data)
+        except (OSError, EOFError) as e:
+            raise self._target._lose(self._why(e, "the SFTP server took no request")) from None
+
+    def _why(self, e: BaseException, what: str) -> str:
+        if isinstance(e, socket.timeout):
+            return f"the host stopped answering ({what} within {self._target.timeout:.0f} s)"
+        return f"the connection dropped ({_why(e)})"
+
+    def __getattr__(self, name: str):
+        return getattr(self._chan, name)
+
+
+def _quiet_paramiko() -> None:
+    """paramiko's transport thread logs a failed handshake with its traceback;
+    xenrun reports it in one line instead."""
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+
+
+def _handshake_why(e: BaseException, took: float, wait: float) -> str:
+    text = _why(e)
+    if "protocol banner" in text or "No existing session" in text or isinstance(e, EOFError):
+        if took < wait * 0.9:
+            return "the connection was closed before the SSH handshake (is this an SSH server?)"
+        return f"no SSH greeting within {wait:.0f} s (is this an SSH server?)"
+    return text
 
 
 def known_hosts_file() -> str:

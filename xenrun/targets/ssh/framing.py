@@ -44,6 +44,12 @@ def _line_of(buf: bytes, marker: bytes) -> tuple[int, int] | None:
     return None if nl < 0 else (at, nl)
 
 
+def find_line(buf: bytes, marker: bytes) -> str | None:
+    """The first whole line of ``buf`` that starts with ``marker``, or None."""
+    found = _line_of(buf, marker)
+    return None if found is None else buf[found[0]:found[1]].decode(errors="replace")
+
+
 def split_output(answer: bytes, nonce: str) -> tuple[bytes, bytes]:
     """A command's (stdout, stderr) from its answer (x_end's framing)."""
     sep = f"{nonce} E\n".encode()

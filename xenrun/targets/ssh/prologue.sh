@@ -12,6 +12,9 @@
 # "M i HEX" the first 4 bytes of a regular file ("m", for find_program),
 # "Y" the listings asked for ("/i" NUL, then the names of folder i, each NUL-ended);
 # Z, K, C and Y are followed by base64 lines and "." ("!" when reading failed).
+# $B: seconds between the "N ALIVE" heartbeats x_beat prints while a command runs
+# (the shell's sign of life: none while the shell itself is stopped, $$ being the
+# shell's pid in the subshell; x_end stops them before the answer).
 # A fetch starts a fixed handful of processes whatever the number of paths: one
 # stat for every lstat (x_stat; the shell's own tests find the absent ones), one
 # readlink for every link, one base64 for all the listings, then one base64 per
@@ -20,7 +23,9 @@ PATH=@PATH@:$PATH; export PATH
 LC_ALL=C; export LC_ALL
 NL='
 '
-X=$(mktemp -d "${TMPDIR:-/tmp}/xenrun.XXXXXXXX") || exit 1
+if ! X=$(mktemp -d "${TMPDIR:-/tmp}/xenrun.XXXXXXXX" 2>&1); then
+  printf '%s NOTMP %s: %s\n' "$N" "${TMPDIR:-/tmp}" "$(printf '%s' "$X" | tr '\n' ' ')"; exit 1
+fi
 trap 'rm -rf "$X"' EXIT
 trap 'exit 129' HUP
 trap 'exit 143' TERM
@@ -111,7 +116,14 @@ x_fetch() {
   fi
 }
 x_t() { t=$1; shift; if [ -n "$t" ] && [ -n "$XT" ]; then exec timeout "$t" "$@"; else exec "$@"; fi; }
+x_beat() {
+  (while sleep "$B" </dev/null >/dev/null 2>&1; do
+     if read -r _ _ s _ </proc/$$/stat 2>/dev/null && [ "$s" = T ]; then continue; fi
+     printf '%s ALIVE\n' "$N"
+   done) </dev/null 9>&- & h=$!
+}
 x_end() {
+  if [ -n "$h" ]; then kill -9 "$h" 2>/dev/null; wait "$h" 2>/dev/null; h=; fi
   if [ -s "$X/o" ]; then base64 < "$X/o"; fi; printf '%s E\n' "$N"
   if [ -s "$X/e" ]; then base64 < "$X/e"; fi; printf '%s END %s\n' "$N" "$1"
 }

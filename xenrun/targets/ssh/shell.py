@@ -14,12 +14,9 @@ from importlib import resources
 from xenrun.errors import LockHeld, TargetError
 from xenrun.targets.base import SEARCH_PATH, Result
 from xenrun.targets.ssh.cache import _Miss
-from xenrun.targets.ssh.framing import split_output, take_answer
+from xenrun.targets.ssh.framing import find_line, split_output, take_answer
 
 STAT_FORMAT = "%f %u %g %s %b"  # raw mode (hex), uid, gid, size, 512-byte blocks
-# a host silent this long while a command runs is asked for a sign of life, and
-# given this long to answer before it is taken for gone
-PROBE_AFTER, PROBE_WAIT = 20.0, 40.0
 SMALL = 65536  # a file read after a stat miss comes along if at most this big
 
 
@@ -39,60 +36,78 @@ class Shell:
     """The shell part of SSHTarget (a mixin: the state is SSHTarget's)."""
 
     # -- the persistent shell ----------------------------------------------------
-    def _request(self, script: str, timeout: float | None = None) -> tuple[bytes, int]:
+    def _request(self, script: str, timeout: float | None = None, count: bool = True) -> tuple[bytes, int]:
         """Send one request to the shell; returns (answer bytes, status)."""
         self._connect()
-        self.stats["command"] += 1
+        if count:
+            self.stats["command"] += 1
         try:
+            self._chan.settimeout(self.timeout)
             self._chan.sendall(script.encode() + b"\n")
         except (OSError, EOFError) as e:
-            raise TargetError(f"{self}: lost the connection: {_why(e)}") from None
+            raise self._lose(f"could not send a request within {self.timeout:.0f} s ({_why(e)})") from None
         return self._read_answer(timeout)
 
     def _read_answer(self, timeout: float | None = None) -> tuple[bytes, int]:
         """Read up to the next marker line: "N END status" after a request,
-        "N READY" after the prologue (what came before it was rc-file noise)."""
+        "N READY" after the prologue (what came before it was rc-file noise).
+        A running command's heartbeats ("N ALIVE" lines) are dropped. Gives up
+        (HostLost) when the shell stays silent self.timeout s, sooner when an SSH
+        keepalive sent after half that gets no reply, and after ``timeout`` s in
+        all (a command's own limit, with the host's timeout on top)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         chan = self._chan
+        alive = f"{self._nonce} ALIVE\n".encode()
         while True:
             taken = take_answer(self._buf, self._nonce)
             if taken is not None:
                 answer, status, self._buf = taken
-                return answer, 0 if status is None else status
+                return answer.replace(alive, b""), 0 if status is None else status
             while chan.recv_stderr_ready():
                 chan.recv_stderr(65536)  # the shell's own stderr: drained, not kept
             now = time.monotonic()
             if deadline is not None and now > deadline:
-                self.close()
-                raise TargetError(f"{self}: no answer within {timeout:.0f} s; the session was closed")
-            if not self._heard_of_late(now):
-                self.close()
-                raise TargetError(f"{self}: the host stopped answering (no reply to an SSH keepalive within"
-                                  f" {PROBE_WAIT:.0f} s); the session was closed")
+                raise self._lose(f"no answer within {timeout:.0f} s")
+            why = self._silent_too_long(now)
+            if why:
+                raise self._lose(why)
             chan.settimeout(0.5)
             try:
                 data = chan.recv(1 << 16)
             except socket.timeout:
                 continue
+            except (OSError, EOFError) as e:
+                raise self._lose(f"the connection dropped ({_why(e)})") from None
             if not data:
-                self.close()
-                raise TargetError(f"{self}: the remote shell ended (connection lost?)")
+                no_tmp = find_line(self._buf, f"{self._nonce} NOTMP ".encode())
+                if no_tmp:  # the prologue could not make its private folder
+                    self.close()
+                    raise TargetError(f"{self}: cannot make xenrun's temp folder on the host:"
+                                      f" {no_tmp.split(' ', 2)[2]} (make TMPDIR, or /tmp, writable there)")
+                raise self._lose("the remote shell ended")
             self._buf += data
-            self._heard = time.monotonic()
+            self._heard, self._probe = time.monotonic(), None
 
-    def _heard_of_late(self, now: float) -> bool:
-        """False when the host has gone: after PROBE_AFTER s of silence (a long
-        command prints nothing) a keepalive that wants a reply is sent; if no reply
-        comes within PROBE_WAIT s the peer is dead. paramiko's own keepalive wants no
-        reply, so a dead peer would be waited on until TCP gives up (many minutes)."""
+    def _silent_too_long(self, now: float) -> str | None:
+        """Why the host counts as gone, or None: the shell silent self.timeout s,
+        or an SSH keepalive (sent once the shell has been silent half that) not
+        answered within the other half. paramiko's own keepalive wants no reply,
+        so a dead peer would be waited on until TCP gives up (many minutes); a
+        keepalive that is answered while the shell stays silent tells a stuck
+        shell from a dead host."""
+        half = self.timeout / 2
+        silence = now - self._heard
         probe = self._probe
         if probe is not None:
             sent, answered = probe
-            if answered.is_set():
-                self._probe, self._heard = None, now
-            elif now - sent > PROBE_WAIT:
-                return False
-        elif now - self._heard > PROBE_AFTER and self._conn is not None:
+            if not answered.is_set() and now - sent > half:
+                return f"the host stopped answering (no reply to an SSH keepalive within {half:.0f} s)"
+        if silence > self.timeout:
+            if probe is not None and probe[1].is_set():
+                return (f"the remote shell stopped answering (nothing for {self.timeout:.0f} s, though the host"
+                        " answers SSH keepalives)")
+            return f"the host stopped answering (nothing for {self.timeout:.0f} s)"
+        if probe is None and silence > half and self._conn is not None:
             answered = threading.Event()
             transport = self._conn.client.get_transport()
 
@@ -105,15 +120,16 @@ class Shell:
                     answered.set()
             threading.Thread(target=ask, daemon=True, name=f"keepalive {self.hostname}").start()
             self._probe = (now, answered)
-        return True
+        return None
 
     # -- commands ----------------------------------------------------------------
     def cannot_run(self, argv: tuple[str, ...]) -> str | None:
-        """Why ``argv`` cannot run on this target, or None when it can."""
-        if self.is_host:
-            return None
+        """Why ``argv`` cannot run on this target, or None when it can. With
+        --files-only nothing runs, on any target: not a command, not a guard."""
         if self.files_only:
             return "--files-only: commands are left for the host"
+        if self.is_host:
+            return None
         if self.user not in (None, "root"):
             return f"running commands inside {self.root} needs chroot, which needs root on the host"
         if self.find_program(argv[0]) is None:
@@ -199,8 +215,8 @@ class Shell:
             encoded = base64.encodebytes(input.encode()).decode()
             script = f"base64 -d > \"$X/i\" <<'{self._nonce}-IN'\n{encoded}{self._nonce}-IN\n"
             stdin = '"$X/i"'
-        script += f"(cd / && {' '.join(words)}) <{stdin} >\"$X/o\" 2>\"$X/e\" 9>&-; x_end $?"
-        answer, rc = self._request(script, None if timeout is None else timeout + 30)
+        script += f"x_beat; (cd / && {' '.join(words)}) <{stdin} >\"$X/o\" 2>\"$X/e\" 9>&-; x_end $?"
+        answer, rc = self._request(script, None if timeout is None else timeout + self.timeout)
         return (rc, *split_output(answer, self._nonce))
 
     def run(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
