@@ -4,6 +4,7 @@ against real GRUB tools; idempotency."""
 
 from __future__ import annotations
 
+from pathlib import Path
 import re
 import shutil
 import subprocess
@@ -16,6 +17,9 @@ from xenrun.plugins import grub
 from xenrun.testing import apply_host, changes_for, plan_host
 
 XEN = 'dom0_mem=512M,max:512M dom0_max_vcpus=2 dom0_vcpus_pin'
+
+
+REPO_XEN_CFG = Path(__file__).parent.parent / 'examples/hosts/debian-grub/etc/default/grub.d/xen.cfg'
 
 
 def _boot_changes(site, host):
@@ -86,6 +90,8 @@ def test_applied_files_are_exact_valid_and_idempotent(site, host):
         cfg = (root / "etc/default/grub.d/xen.cfg").read_text()
         assert f'\nGRUB_CMDLINE_XEN_DEFAULT="{XEN}"\n' in cfg and "\nXEN_OVERRIDE_GRUB_DEFAULT=0\n" in cfg
         assert subprocess.run(["sh", "-n", root / "etc/default/grub.d/xen.cfg"]).returncode == 0
+        # golden: Debian's own if block is left exactly as the package ships it
+        assert cfg.split("\nif ", 1)[1] == (REPO_XEN_CFG.read_text().split("\nif ", 1)[1])
         checked = []
     for f in checked:  # the Arch files pass GRUB's own parser too
         assert subprocess.run(["grub-script-check", f]).returncode == 0

@@ -175,7 +175,8 @@ def test_second_run_finds_the_uplink_behind_the_bridge():
                   iface("vif1.0", port_of="xenbr0")]
     own = {"xenbridge-dhcp": {**old_profile("xenbr0"), "binds_to": ["eth0"]}}
     for profiles in (own, {}):
-        facts = make_facts(uplink="xenbr0", interfaces=interfaces, profiles=profiles)
+        # bridge_port as the facts plugin gives it (tests/test_plugin_contract.py)
+        facts = make_facts(uplink="xenbr0", interfaces=interfaces, profiles=profiles, bridge_port="eth0")
         (profile,) = [c for c in plugin.configure_network(facts, make_host()) if isinstance(c, WriteFile)]
         assert "BindsToInterfaces=(eth0)\n" in profile.content.decode()
 

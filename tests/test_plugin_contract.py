@@ -200,3 +200,24 @@ def test_a_second_network_plugin_is_refused_by_name(site, faulty_plugin):
 def test_a_malformed_change_is_refused_when_made(make, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         make()
+
+
+def test_bridge_port_is_the_physical_port_behind_the_bridge_on_a_second_run(site):
+    """After the bridge is up the default route goes through it (facts.uplink is
+    the bridge): bridge_port names the port behind it, guests' vifs left out, so a
+    network plugin converges on its second run."""
+    from xenrun import run
+    root = site / "hosts/arch-grub"
+    net = root / "sys/class/net"
+    (net / "xenbr0/bridge").mkdir(parents=True)
+    (net / "xenbr0/address").write_text((net / "enp3s0/address").read_text())
+    for port in ("enp3s0", "vif1.0"):
+        (net / port).mkdir(exist_ok=True)
+        (net / port / "master").symlink_to("../xenbr0")
+    route = root / "proc/net/route"
+    route.write_text(route.read_text().replace("enp3s0\t", "xenbr0\t"))
+    found = run.facts(run.Options(config=str(site / "plugins.toml"), host="arch-grub"))[1]
+    assert (found.uplink, found.bridge_port) == ("xenbr0", "enp3s0")
+    (net / "enp3s0/master").unlink()
+    found = run.facts(run.Options(config=str(site / "plugins.toml"), host="arch-grub"))[1]
+    assert found.bridge_port is None  # only a guest's vif behind it: cannot be told

@@ -98,7 +98,7 @@ def test_invoke_setup_in_a_site_folder(site):
 
 def test_installed_command_has_the_same_tasks():
     xenrun = Path(sys.executable).parent / "xenrun"
-    r = subprocess.run([str(xenrun), "--list"], capture_output=True, text=True)
+    r = subprocess.run([str(xenrun), "--help"], capture_output=True, text=True)  # lists the subcommands
     assert r.returncode == 0 and all(t in r.stdout for t in ("setup", "facts", "plugins", "rollback"))
     r = subprocess.run([str(xenrun), "setup", "--help"], capture_output=True, text=True)
     for flag in ("--root", "--host", "--config", "--dry", "--yes", "--files-only", "--format"):

@@ -129,3 +129,12 @@ def test_on_a_terminal_setup_shows_the_plan_and_asks(site):
     code, screen = _talk(argv, b"y\n")
     assert code == 0 and "Applied:" in screen
     assert b"/proc/xen xenfs" in fstab.read_bytes()
+
+
+def test_xen_version_from_the_names_packages_leave():
+    from xenrun.plugins.xen import xen_version
+    # Debian 12's xen-hypervisor-4.17-amd64 and /usr/lib/xen-4.17; Arch's xen package
+    assert xen_version(["vmlinuz-6.1.0-13-amd64", "xen-4.17-amd64.gz", "xen-4.17-amd64.efi",
+                        "xen-4.17-amd64.config", "xen-4.17"]) == "4.17"
+    assert xen_version(["xen-4.9.2.gz", "xen-4.17.3.gz", "xen.gz", "xen-4.gz"]) == "4.17.3"
+    assert xen_version(["vmlinuz-linux", "grub"]) is None

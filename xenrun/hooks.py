@@ -51,7 +51,7 @@ _running: ContextVar[tuple | None] = ContextVar("xenrun_hook", default=None)
 
 def note(text: str) -> None:
     """Attach a note to the plan of the host being planned (shown with the plan and
-    as ``notes`` in --format json). Call it from inside a hook."""
+    as ``notes`` in --format json). Called outside a hook it is only logged."""
     _attach("note", text)
 
 
@@ -62,8 +62,9 @@ def warn(text: str) -> None:
 
 def _attach(level: str, text: str) -> None:
     running = _running.get()
-    if running is None:
-        raise RuntimeError(f"xenrun.api.{'warn' if level == 'warning' else level}() is for use inside a hook")
+    if running is None:  # a hook called by hand (a plugin's own unit test): only logged
+        (log.warning if level == "warning" else log.info)(" ".join(str(text).split()))
+        return
     facade, plugin = running
     text = " ".join(str(text).split())
     facade.notes.append(f"warning: {plugin}: {text}" if level == "warning" else f"{plugin}: {text}")

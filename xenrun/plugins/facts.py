@@ -58,6 +58,7 @@ def detect_hardware(probe):
 
     facts["interfaces"] = [_interface(probe, n) for n in probe.listdir("/sys/class/net") if n != "lo"]
     facts["uplink"] = parse.parse_default_route(text("/proc/net/route"))
+    facts["bridge_port"] = _bridge_port(facts["interfaces"], facts["uplink"])
 
     vgs = probe.command(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
                          "-o", "vg_name,vg_size,vg_free"]) if "vgs" in programs else None
@@ -88,6 +89,17 @@ def _interface(probe, name: str) -> dict:
     return {"name": name, "mac": (probe.text(f"{base}/address") or "").strip() or None,
             "bridge": probe.exists(f"{base}/bridge"), "wireless": probe.exists(f"{base}/wireless"),
             "bridge_port_of": _master(probe, base)}
+
+
+def _bridge_port(interfaces: list[dict], uplink: str | None) -> str | None:
+    """When the default route already goes through a bridge (a network plugin's
+    second run), the physical port behind it: the bridge's one port that is not a
+    guest's (vif, tap). None otherwise, or when it cannot be told."""
+    if not any(i["name"] == uplink and i["bridge"] for i in interfaces):
+        return None
+    ports = [i["name"] for i in interfaces
+             if i["bridge_port_of"] == uplink and not i["name"].startswith(("vif", "tap"))]
+    return ports[0] if len(ports) == 1 else None
 
 
 def _master(probe, base: str) -> str | None:

@@ -144,7 +144,7 @@ def configure_boot(facts, host, xen_options):
     changes = [EnsureLine(path, f'{var}="{cmdline}"', replace=rf"^\s*#?\s*{var}=", validate=validate,
                           step="S7", why="the Xen command line (S14 settings)")]
     if path == profile.grub_xen_file and profile.id == "debian":
-        changes.append(EnsureLine(path, "XEN_OVERRIDE_GRUB_DEFAULT=0", replace=r"^\s*#?\s*XEN_OVERRIDE_GRUB_DEFAULT=",
+        changes.append(EnsureLine(path, "XEN_OVERRIDE_GRUB_DEFAULT=0", replace=r"^(?:#\s*)?XEN_OVERRIDE_GRUB_DEFAULT=",  # top level only: never Debian's if block
                                   validate=validate, step="S10", why="keep Linux the default until Xen has booted"))
     changes.append(EnsureLine(DEFAULT_GRUB, "GRUB_DEFAULT=saved", replace=r"^\s*#?\s*GRUB_DEFAULT=",
                               validate=SHELL_CHECK, step="S10", why="boot the saved entry (Linux until promoted)"))

@@ -23,12 +23,9 @@ import re
 import shlex
 from dataclasses import dataclass
 
-import structlog
-
-from xenrun.api import (hookimpl, checks as check, RemoveFile, RunCommand, WriteFile, PlanError, TargetError,
+from xenrun.api import (hookimpl, warn, checks as check, RemoveFile, RunCommand, WriteFile, PlanError, TargetError,
                         Setting)
 
-log = structlog.get_logger()
 
 PROFILE_DIR = "/etc/netctl"
 WANTS_DIR = "/etc/systemd/system/multi-user.target.wants"
@@ -37,7 +34,6 @@ SWITCH_PATH = "/usr/local/lib/xenrun/netctl-switch"
 STEP = "S11"
 # what netctl's list_profiles skips in /etc/netctl (besides folders and dot files)
 _NOT_PROFILES = (".action", ".conf", ".service")
-_GUEST_PORTS = ("vif", "tap")  # bridge ports Xen adds for guests, never the uplink
 DHCP_CLIENTS = ("dhclient", "dhcpcd")  # what netctl's IP=dhcp can run
 _BIN = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -330,7 +326,7 @@ def configure_network(facts, host):
         if info.get("dropin"):
             changes.append(RemoveFile(info["dropin"], step=STEP, why=f"the rest of disabling {name}"))
     if uplink in (facts.get("netctl_ifupdown") or []):
-        log.warning(f"/etc/network/interfaces brings up {uplink} at boot too: remove that stanza,"
+        warn(f"/etc/network/interfaces brings up {uplink} at boot too: remove that stanza,"
                     f" or it fights {bridge} over {uplink} (S11)")
 
     if facts.get("live"):
@@ -351,7 +347,7 @@ def _dhcp_client(facts, ip: str) -> str | None:
     if ip != "dhcp" or clients is None:
         return None
     if not clients:
-        log.warning("neither dhclient nor dhcpcd is installed: ip = \"dhcp\" needs one (S11)")
+        warn("neither dhclient nor dhcpcd is installed: ip = \"dhcp\" needs one (S11)")
         return None
     return clients[0] if len(clients) == 1 else None
 
@@ -381,9 +377,7 @@ def _uplink(facts, s, own: dict | None, where: str) -> str:
         found = facts.get("uplink")
         if found == bridge:  # a second run: the default route already goes through the bridge
             binds = (own or {}).get("binds_to") or []
-            ports = [n for n, i in interfaces.items()
-                     if i.get("bridge_port_of") == bridge and not n.startswith(_GUEST_PORTS)]
-            found = binds[0] if len(binds) == 1 else ports[0] if len(ports) == 1 else None
+            found = binds[0] if len(binds) == 1 else facts.get("bridge_port")
         if found is None:
             raise PlanError(f"{where} interface: cannot tell the uplink (no IPv4 default route"
                             f" on {'this host' if facts.get('live') else 'the target'}): set it, as interface = \"eth0\"")
@@ -412,7 +406,7 @@ def _fighting(profiles: dict, own: str, uplink: str, bridge: str) -> list[tuple[
 def _switch(s, facts, profile: str, uplink: str, fighting) -> list:
     """The switch on a live host: the script, and its run unless already done."""
     if not facts.get("netctl_ping", True):
-        log.warning("ping is not installed: the switch's gateway check fails without it (install iputils-ping)")
+        warn("ping is not installed: the switch's gateway check fails without it (install iputils-ping)")
     running = [n for n, i in fighting if i.get("active")] or [n for n, i in fighting if i.get("enabled")]
     # names netctl could mistake for options are never handed over; the script restores by hand then
     old = next((n for n in running if not n.startswith("-")), "-")

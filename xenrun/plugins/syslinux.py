@@ -14,12 +14,9 @@ from __future__ import annotations
 import posixpath
 import re
 
-import structlog
-
-from xenrun.api import (hookimpl, checks as check, BootEntry, CopyFile, EnsureLine, RunCommand, WriteFile,
+from xenrun.api import (hookimpl, warn, checks as check, BootEntry, CopyFile, EnsureLine, RunCommand, WriteFile,
                         PlanError, boot_files, Setting)
 
-log = structlog.get_logger()
 CFG = "/boot/syslinux/syslinux.cfg"
 BEGIN, END = "# BEGIN xenrun: Xen entry (S8)", "# END xenrun"
 MODULES = ("mboot.c32", "libcom32.c32")
@@ -128,7 +125,7 @@ def configure_boot(facts, host, xen_options):
             changes.append(RunCommand(("extlinux", f"--once={label}", "/boot/syslinux"), onchange=(CFG,),
                                       step="S10", why="boot Xen at the next boot only"))
         else:
-            log.warning("extlinux is not installed: choose the Xen entry at the Syslinux menu to boot it once (S10)")
+            warn("extlinux is not installed: choose the Xen entry at the Syslinux menu to boot it once (S10)")
     return changes
 
 

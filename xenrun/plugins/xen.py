@@ -8,6 +8,8 @@ handed to the boot plugin. Warns for S1 (no vmx/svm) and S4 (VirtualBox)."""
 
 from __future__ import annotations
 
+import re
+
 from xenrun.api import (hookimpl, checks as check, EnsureLine, RemoveFile, RunCommand, Symlink, PlanError,
                         profile_for, Setting, warn)
 # nofail: the kept plain-Linux entry (S10) has no xenfs, and without nofail systemd
@@ -42,7 +44,19 @@ def detect_hardware(probe):
                 wanted = [w for line in text.splitlines() if line.strip().startswith("WantedBy=")
                           for w in line.split("=", 1)[1].split()]
                 units[name] = {"path": f"{folder}/{name}", "wanted_by": wanted}
-    return {"xen_units": units}
+    # the version the package installed, from the names it leaves (no xl needed)
+    names = probe.listdir("/boot") + [n for n in probe.listdir("/usr/lib") if n.startswith("xen-")]
+    return {"xen_units": units, "xen_version": xen_version(names)}
+
+
+_VERSION = re.compile(r"^xen-(\d+\.\d+(?:\.\d+)?)(?:[-.].*)?$")
+
+
+def xen_version(names) -> str | None:
+    """The newest Xen version among file names such as Debian's xen-4.17-amd64.gz,
+    Arch's xen-4.17.3.gz or the folder xen-4.17 (/usr/lib); None without one."""
+    found = [m.group(1) for m in map(_VERSION.match, names) if m]
+    return max(found, key=lambda v: [int(x) for x in v.split(".")], default=None)
 
 
 @hookimpl
