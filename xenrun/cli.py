@@ -24,7 +24,7 @@ from xenrun import __version__
 from xenrun.tasks import ns
 
 HELP_FLAGS = ("--help", "-h")
-GLOBAL_FLAGS = (*HELP_FLAGS, "--version", "-V", "--debug")
+GLOBAL_FLAGS = (*HELP_FLAGS, "--version", "-V", "--list", "-l", "--debug")
 BAD_USAGE = 2
 
 
@@ -39,6 +39,7 @@ class XenrunProgram(Program):
         return [
             Argument(names=("help", "h"), optional=True,
                      help="show this help, or a subcommand's: xenrun setup --help"),
+            Argument(names=("list", "l"), kind=bool, default=False, help="list the subcommands"),
             Argument(names=("version", "V"), kind=bool, default=False, help="show xenrun's version"),
             Argument(names=("debug",), kind=bool, default=False,
                      help="add the traceback to a plugin's fault report (as XENRUN_DEBUG=1)"),
@@ -96,6 +97,9 @@ class XenrunProgram(Program):
             if wanted not in self.parser.contexts:
                 raise _refuse(f"no subcommand {wanted!r} (xenrun --help lists them)")
             self.print_task_help(wanted)
+            raise Exit
+        if self.args.list.value:
+            self.list_tasks()
             raise Exit
         if not self.tasks:
             self.print_help()
