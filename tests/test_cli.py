@@ -197,3 +197,13 @@ def test_invokes_own_dry_in_a_site_folder_changes_nothing(site):
     assert r.returncode == 0, r.stderr
     assert "Plan:" in r.stdout
     assert tree_hash(site) == before
+
+
+def test_invokes_own_dry_before_a_domain_task_changes_nothing(site):
+    (site / "tasks.py").write_text("from xenrun.tasks import ns\n")
+    before = tree_hash(site)
+    r = subprocess.run([str(INVOKE), "--dry", "domain.create", "arch-pv", "--host", "arch-grub", "--yes",
+                        "--files-only"], cwd=site, capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "Plan:" in r.stdout and tree_hash(site) == before

@@ -56,7 +56,7 @@ def create_task(c, name, root=None, host=None, config=None, domains=None, dry=Fa
                 format="text"):
     """Create a guest: its disk, xl config, autostart link, and `xl create` (S16 to S22)."""
     _plan_task(lambda o: create(o, name, _confirm),
-               root, host, config, domains, dry, yes, files_only, format)
+               root, host, config, domains, taskhelp.dry(c, dry), yes, files_only, format)
 
 
 @task(name="finish-install", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
@@ -64,7 +64,7 @@ def finish_install_task(c, name, root=None, host=None, config=None, domains=None
                         files_only=False, format="text"):
     """After a PV install: boot through pygrub, drop kernel/ramdisk/extra and the ISO (S21)."""
     _plan_task(lambda o: finish_install(o, name, _confirm),
-               root, host, config, domains, dry, yes, files_only, format)
+               root, host, config, domains, taskhelp.dry(c, dry), yes, files_only, format)
 
 
 @task(name="shutdown", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
@@ -72,7 +72,7 @@ def shutdown_task(c, name, root=None, host=None, config=None, domains=None, dry=
                   format="text"):
     """Shut a guest down cleanly and wait until it is off (S23)."""
     _plan_task(lambda o: xl_action(o, name, "shutdown", _confirm),
-               root, host, config, domains, dry, yes, files_only, format)
+               root, host, config, domains, taskhelp.dry(c, dry), yes, files_only, format)
 
 
 @task(name="destroy", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
@@ -80,7 +80,7 @@ def destroy_task(c, name, root=None, host=None, config=None, domains=None, dry=F
                  format="text"):
     """Stop a guest at once, as pulling its plug (S23); its disks and config stay."""
     _plan_task(lambda o: xl_action(o, name, "destroy", _confirm),
-               root, host, config, domains, dry, yes, files_only, format)
+               root, host, config, domains, taskhelp.dry(c, dry), yes, files_only, format)
 
 
 @task(name="delete", positional=["name"], auto_shortflags=False,
@@ -89,7 +89,7 @@ def delete_task(c, name, root=None, host=None, config=None, domains=None, dry=Fa
                 format="text", purge=False):
     """Shut a guest down and remove its config and autostart link; its disks stay unless --purge."""
     _plan_task(lambda o: delete(o, name, purge, _confirm),
-               root, host, config, domains, dry, yes, files_only, format)
+               root, host, config, domains, taskhelp.dry(c, dry), yes, files_only, format)
 
 
 @task(name="list", auto_shortflags=False, help=_h("root", "host", "config", "domains", "format"))
@@ -127,7 +127,7 @@ def console_task(c, name, root=None, host=None, config=None, domains=None, dry=F
         return domain
     domain = _guard(find)
     argv = ["xl", "console", domain.name]
-    if dry:
+    if taskhelp.dry(c, dry):
         print("$ " + " ".join(argv))
         return
     os.execvp(argv[0], argv)

@@ -32,6 +32,12 @@ def guard(fn):
         raise Exit(f"xenrun: {e}", code=e.exit_code) from None
 
 
+def dry(c, given: bool) -> bool:
+    """``invoke --dry TASK`` in a site folder: invoke's own --dry (echo commands) is
+    taken as xenrun's, never ignored while the plan is applied for real."""
+    return given or bool(c.config.run.dry)
+
+
 def can_ask() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 

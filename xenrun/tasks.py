@@ -21,10 +21,7 @@ HELP = {**taskhelp.HELP,
 _guard, _plan_only, _show = taskhelp.guard, taskhelp.plan_only, taskhelp.show
 
 
-def _dry(c, dry: bool) -> bool:
-    """``invoke --dry setup`` in a site folder: invoke's own --dry (echo commands)
-    is taken as xenrun's, never ignored while the plan is applied for real."""
-    return dry or bool(c.config.run.dry)
+_dry = taskhelp.dry
 
 
 def _help(*names: str) -> dict:
