@@ -95,7 +95,9 @@ def fleet_table(fleet) -> str:
                    f"  {r.status:<13}  {r.seconds:>7.2f}")
     total = fleet_summary(fleet)
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(total["statuses"].items()))
-    out.append(f"{total['hosts']} host(s): {statuses}; {total['changed']} changed in {fleet.seconds:.2f} s")
+    planned = all(r.status in ("planned", "not applied", "read") or not r.ok for r in fleet.runs)
+    verb = "to change" if planned else "changed"  # a --dry fleet changed nothing
+    out.append(f"{total['hosts']} host(s): {statuses}; {total['changed']} {verb} in {fleet.seconds:.2f} s")
     out += [f"{r.host}: {r.status}: {r.error}" for r in fleet.runs if r.error]
     return "\n".join(out) + "\n"
 
