@@ -139,3 +139,27 @@ def test_a_linked_lock_is_refused_and_the_file_outside_is_untouched(site, tmp_pa
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--yes")
     assert r.returncode == 2 and "the lock /var/lib/xenrun/lock" in r.stderr, r.stderr
     assert outside.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:22:22", "has more than one ':'"),
+    ("-oProxyCommand=touch /tmp/x", "is not a host name or address"),
+    ("root@-oProxyCommand", "is not a host name or address"),
+    ("root@xen01:0", "port '0' is not a number from 1 to 65535"),
+    ("root@xen01:99999", "port '99999' is not a number from 1 to 65535"),
+    ("ro ot@xen01", "is not a user name"),
+])
+def test_bad_ssh_addresses_are_refused_when_plugins_toml_is_read(site, address, message):
+    with (site / "plugins.toml").open("a") as f:
+        f.write(f'\n[hosts.far]\naddress = "{address}"\n')
+    line = len((site / "plugins.toml").read_text().splitlines())
+    r = run_xenrun("facts", "--config", site / "plugins.toml", "--host", "far")
+    assert r.returncode == 2 and f"plugins.toml:{line}: hosts.far.address: " in r.stderr and message in r.stderr, \
+        r.stderr
+
+
+def test_ipv6_addresses_are_parsed_with_and_without_brackets():
+    from xenrun.config import _address_problem
+    from xenrun.targets.ssh.connection import parse_address
+    assert _address_problem("root@[::1]:2222") is None and parse_address("root@[::1]:2222") == ("root", "::1", 2222)
+    assert _address_problem("::1") is None and parse_address("::1") == (None, "::1", None)

@@ -227,8 +227,10 @@ def _check_structure(site: Site) -> None:
         _check_selection(site, ("hosts", host), table, _HOST_KEYS)
         if "address" in table:
             value = table["address"]
-            if not isinstance(value, str) or not re.fullmatch(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?[A-Za-z0-9_.:-]+(?::\d{1,5})?", value):
-                raise site.error(("hosts", host, "address"), f"{value!r} is not an SSH address such as root@xen01.example.org")
+            problem = _address_problem(value)
+            if problem:
+                raise site.error(("hosts", host, "address"), f"{problem}: give an SSH address such as"
+                                                             " root@xen01.example.org or root@192.0.2.7:2222")
         if "root" in table:
             value = table["root"]
             if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
@@ -264,6 +266,46 @@ def _check_structure(site: Site) -> None:
                 raise site.error(where, f"no host {member!r} in [hosts] (hosts: {', '.join(site.host_names) or 'none'})")
         if len(set(members)) != len(members):
             raise site.error(where, "names a host twice")
+
+
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _address_problem(value: Any) -> str | None:
+    """Why ``value`` is not user@host[:port] (host a name, an IPv4 address, or an
+    IPv6 one, bracketed when a port follows), or None. Nothing that ssh could
+    read as an option (a leading '-') gets through."""
+    import ipaddress
+    if not isinstance(value, str):
+        return f"expected an address (string), got {check._kind(value)}"
+    user, at, hostport = value.rpartition("@")
+    if at and not _USER.fullmatch(user):
+        return f"{user!r} is not a user name"
+    port = None
+    if hostport.startswith("["):  # [v6]:port
+        host, _, rest = hostport[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            return f"{value!r} is not an address"
+        port = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+    elif hostport.count(":") == 1:
+        host, _, port = hostport.partition(":")
+    else:
+        host = hostport
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                return f"{value!r} has more than one ':' (the port goes once, at the end)"
+    if ":" not in host and not _HOSTNAME.fullmatch(host):
+        return f"{host!r} is not a host name or address"
+    if port is not None and (not port.isdigit() or not 1 <= int(port) <= 65535):
+        return f"port {port!r} is not a number from 1 to 65535"
+    return None
 
 
 def _check_selection(site: Site, path: tuple[str, ...], table: dict, allowed: tuple[str, ...]) -> None:

@@ -30,6 +30,9 @@ def parse_address(address: str) -> tuple[str | None, str, int | None]:
     """"user@host:port" -> (user, host, port); user and port optional."""
     user, _, hostport = address.rpartition("@")
     host, port = hostport, None
+    if hostport.startswith("["):  # [IPv6]:port (plugins.toml's check allows no other bracket)
+        host, _, rest = hostport[1:].partition("]")
+        return user or None, host, int(rest[1:]) if rest.startswith(":") else None
     if hostport.count(":") == 1:
         host, _, p = hostport.partition(":")
         port = int(p)
