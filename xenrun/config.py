@@ -192,16 +192,43 @@ def load_site(path: str | Path | None) -> Site:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(path, "", f"not UTF-8 text (byte {e.start})") from None
+    data = parse_toml(text, path)
+    site = Site(path.resolve(), data, KeyLines(text))
+    _check_structure(site)
+    return site
+
+
+MAX_TOML_DEPTH = 12  # tables in arrays in tables...: far more than any site needs
+MAX_TOML_BYTES = 4 << 20
+
+
+def parse_toml(text: str, file) -> dict:
+    """tomllib.loads, every failure a ConfigError naming the file (and line): bad
+    syntax, nesting deep enough to exhaust Python's stack, a file too big."""
+    if len(text) > MAX_TOML_BYTES:
+        raise ConfigError(file, "", f"{len(text)} bytes: more than {MAX_TOML_BYTES >> 20} MiB of TOML")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
         msg = re.sub(r"\s*\(at line.*\)$", "", str(e))
-        raise ConfigError(path, "", f"TOML syntax: {msg}" + (f" (column {m.group(2)})" if m else ""),
+        raise ConfigError(file, "", f"TOML syntax: {msg}" + (f" (column {m.group(2)})" if m else ""),
                           int(m.group(1)) if m else None) from None
-    site = Site(path.resolve(), data, KeyLines(text))
-    _check_structure(site)
-    return site
+    except RecursionError:
+        raise ConfigError(file, "", "arrays or tables nested too deeply") from None
+    if _depth(data) > MAX_TOML_DEPTH:
+        raise ConfigError(file, "", f"arrays or tables nested more than {MAX_TOML_DEPTH} deep")
+    return data
+
+
+def _depth(value, level: int = 0) -> int:
+    if level > MAX_TOML_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max([_depth(v, level + 1) for v in value.values()] or [level + 1])
+    if isinstance(value, list):
+        return max([_depth(v, level + 1) for v in value] or [level + 1])
+    return level
 
 
 def _check_structure(site: Site) -> None:
@@ -233,14 +260,14 @@ def _check_structure(site: Site) -> None:
                                                              " root@xen01.example.org or root@192.0.2.7:2222")
         if "root" in table:
             value = table["root"]
-            if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
-                raise site.error(("hosts", host, "root"), "must be a folder path (string)")
+            if not isinstance(value, str) or not value or "\0" in value or "\n" in value or len(value) > 4095:
+                raise site.error(("hosts", host, "root"), "must be a folder path (string, at most 4095 characters)")
             if "address" in table:
                 try:
                     check.absolute_path(value)
                 except ValueError as e:
                     raise site.error(("hosts", host, "root"), f"with address, a folder on that host: {e}") from None
-            elif not (site.folder / value).is_dir():
+            elif not _is_dir(site.folder / value):
                 raise site.error(("hosts", host, "root"), f"folder {value!r} does not exist (relative to {site.folder})")
             if (site.folder / value).resolve() == Path("/") if "address" not in table else value.rstrip("/") == "":
                 # a root of "/" (or one climbing up to it) is the machine itself, which
@@ -249,7 +276,7 @@ def _check_structure(site: Site) -> None:
                                                           " leave root out to mean the machine itself")
         if "identity" in table:
             value = table["identity"]
-            if not isinstance(value, str) or not (site.folder / value).is_file():
+            if not isinstance(value, str) or len(value) > 4095 or not _is_file(site.folder / value):
                 raise site.error(("hosts", host, "identity"), f"{value!r} is not an SSH key file (relative to {site.folder})")
         if "plugin" in table and not isinstance(table["plugin"], dict):
             raise site.error(("hosts", host, "plugin"), "must be a table, as [hosts.NAME.plugin.P]")
@@ -270,6 +297,20 @@ def _check_structure(site: Site) -> None:
 
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long, a loop of links: not a folder xenrun can use
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _address_problem(value: Any) -> str | None:

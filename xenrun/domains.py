@@ -23,13 +23,12 @@ import random
 import re
 import struct
 import subprocess
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from xenrun import settings as check
-from xenrun.config import KeyLines
+from xenrun.config import KeyLines, parse_toml
 from xenrun.errors import ConfigError
 
 XEN_OUI = "00:16:3e"  # the MAC block reserved for Xen guests (S17)
@@ -215,12 +214,7 @@ def load_domains(path: str | Path | None, site_hosts: list[str] | None = None) -
 
 
 def parse_domains(text: str, file: Path | None = None, site_hosts: list[str] | None = None) -> list[Domain]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
-        msg = re.sub(r"\s*\(at line.*\)$", "", str(e))
-        raise ConfigError(file or "<domains>", "", f"TOML syntax: {msg}", int(m.group(1)) if m else None) from None
+    data = parse_toml(text, file or "<domains>")
     src = DomainFile(file, data, _Lines(text))
     for key in data:
         if key not in ("defaults", "domain"):

@@ -73,7 +73,9 @@ def absolute_path(value: Any) -> str:
     if not value.startswith("/"):
         raise ValueError(f"{value!r} is not an absolute path")
     if any(c in value for c in "\0\n\r") or ".." in value.split("/"):
-        raise ValueError(f"{value!r} is not a safe path (no '..', newlines or NUL)")
+        raise ValueError(f"{value!r:.200} is not a safe path (no '..', newlines or NUL)")
+    if len(value) > 4095 or any(len(part) > 255 for part in value.split("/")):
+        raise ValueError(f"{value[:60]!r}...: a path of at most 4095 characters, 255 per name")
     return value
 
 
