@@ -163,3 +163,15 @@ def test_ipv6_addresses_are_parsed_with_and_without_brackets():
     from xenrun.targets.ssh.connection import parse_address
     assert _address_problem("root@[::1]:2222") is None and parse_address("root@[::1]:2222") == ("root", "::1", 2222)
     assert _address_problem("::1") is None and parse_address("::1") == (None, "::1", None)
+
+
+@pytest.mark.parametrize("link", ["/etc/passwd", "../etc/passwd", "../../../../../../etc/passwd"])
+def test_a_managed_file_that_is_a_link_is_never_written_through(site, link):
+    root = site / "hosts/arch-grub"
+    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    (root / "etc/fstab").unlink()
+    (root / "etc/fstab").symlink_to(link)
+    before, host_passwd = tree_hash(site), Path("/etc/passwd").read_bytes()
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--yes")
+    assert r.returncode == 2 and f"/etc/fstab is a symbolic link (to {link})" in r.stderr, r.stderr
+    assert tree_hash(site) == before and Path("/etc/passwd").read_bytes() == host_passwd

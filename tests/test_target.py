@@ -31,18 +31,19 @@ def test_dotdot_and_symlinks_never_leave_the_root(tmp_path):
     assert t.read("/etc/abs") is None  # root/etc/passwd does not exist; the host's is not read
 
 
-def test_writing_through_an_absolute_symlink_stays_inside(site):
+def test_a_managed_file_that_is_an_absolute_symlink_is_refused(site):
     root = site / "hosts/arch-grub"
     host_fstab = Path("/etc/fstab").read_bytes()
     content = (root / "etc/fstab").read_bytes()
     (root / "etc/fstab").unlink()
     (root / "etc/real-fstab").write_bytes(content)
     (root / "etc/fstab").symlink_to("/etc/real-fstab")
+    before = tree_hash(root)
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes", "--files-only")
-    assert r.returncode == 0, r.stderr
-    assert b"/proc/xen xenfs" in (root / "etc/real-fstab").read_bytes()
-    assert (root / "etc/fstab").is_symlink()
-    assert Path("/etc/fstab").read_bytes() == host_fstab
+    # a managed file that is a link is never written through (issue 17): one line, nothing touched
+    assert r.returncode == 2, r.stderr
+    assert "/etc/fstab is a symbolic link (to /etc/real-fstab)" in r.stderr and "does not write through" in r.stderr
+    assert tree_hash(root) == before and Path("/etc/fstab").read_bytes() == host_fstab
 
 
 def test_write_atomic_keeps_mode_and_leaves_no_temp(tmp_path):

@@ -56,6 +56,18 @@ class Overlay:
         self.target = target
         self.planned: dict[str, State] = {}
 
+    def destination(self, path: str, plugin: str) -> State:
+        """The state of a file a change writes. A symbolic link there is refused:
+        writing through it would change another file than the one planned (and
+        shown), which a rollback would then not know."""
+        if path not in self.planned:
+            info = self.target.lstat(path)
+            if info is not None and info.kind == "link":
+                raise PlanError(f"{path} is a symbolic link (to {info.link}) on {self.target}: xenrun does not write"
+                                f" through links ({plugin or 'a plugin'} plans it); replace the link by the file"
+                                " itself, then run again")
+        return self.state(path)
+
     def state(self, path: str, follow: bool = True) -> State:
         """``follow``: a link to a file is seen as that file (edits go through the
         link); without it the link itself is seen (Symlink, RemoveFile)."""
@@ -177,11 +189,11 @@ def _file_outcome(change, path: str, before: State, after: State, same_reason: s
 
 def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: frozenset = frozenset()) -> Outcome:
     if isinstance(change, WriteFile):
-        before = view.state(change.path)
+        before = view.destination(change.path, change.plugin)
         after = State("file", change.content, before.mode if before.kind == "file" else change.mode)
         return _file_outcome(change, change.path, before, after, "content already as planned")
     if isinstance(change, EnsureLine):
-        before = view.state(change.path)
+        before = view.destination(change.path, change.plugin)
         old = (before.data or b"").decode(errors="surrogateescape") if before.kind == "file" else ""
         new = ensure_line(old, change.line, change.replace).encode(errors="surrogateescape")
         after = State("file", new, before.mode if before.kind == "file" else change.mode)
@@ -194,7 +206,7 @@ def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: 
         source = view.state(change.src)
         if source.kind != "file":
             raise PlanError(f"{change.plugin or 'plan'}: cannot copy {change.src}: it does not exist on the target")
-        before = view.state(change.dest)
+        before = view.destination(change.dest, change.plugin)
         after = State("file", source.data, before.mode if before.kind == "file" else change.mode)
         return _file_outcome(change, change.dest, before, after, f"already a copy of {change.src}")
     if isinstance(change, RemoveFile):
@@ -208,6 +220,7 @@ def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: 
 
 
 def _assess_sparse(change: SparseFile, view: Overlay) -> Outcome:
+    view.destination(change.path, change.plugin)  # never a disk through a link
     info = view.target.stat(change.path) if change.path not in view.planned else None
     before = (view.planned.get(change.path) or
               (State("sparse", size=info.size) if info and info.kind == "file" else
