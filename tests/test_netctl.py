@@ -13,7 +13,7 @@ import pytest
 
 from xenrun import registry
 from xenrun import run
-from xenrun.changes import RemoveFile, RunCommand, WriteFile
+from xenrun.changes import NET_SWITCH, RemoveFile, RunCommand, SwitchNetwork, WriteFile
 from xenrun.config import Host, HostSpec, Site
 from xenrun.errors import ConfigError, PlanError
 from xenrun.facts import Facts, Probe
@@ -26,7 +26,7 @@ WANTS = "/etc/systemd/system/multi-user.target.wants"
 OLD_UNIT = "netctl@ethernet\\x2ddhcp.service"
 OLD_WANTS = f"{WANTS}/{OLD_UNIT}"
 OLD_DROPIN = f"/etc/systemd/system/{OLD_UNIT}.d/profile.conf"
-SWITCH = plugin.SWITCH_PATH
+SWITCH = NET_SWITCH
 
 
 def iface(name, bridge=False, wireless=False, port_of=None):
@@ -37,7 +37,16 @@ def iface(name, bridge=False, wireless=False, port_of=None):
 def make_facts(live=False, uplink="eth0", interfaces=None, profiles=None, **more):
     return Facts({"live": live, "uplink": uplink,
                   "interfaces": [iface("eth0")] if interfaces is None else interfaces,
-                  "netctl_profiles": profiles or {}, "netctl_ifupdown": [], "netctl_ping": True, **more})
+                  "netctl_profiles": profiles or {}, "netctl_ping": True, **more})
+
+
+def written(changes) -> list[WriteFile]:
+    """The files a plan writes, those of its network switch too."""
+    out = []
+    for c in changes:
+        out += [f for f in c.files if isinstance(f, WriteFile)] if isinstance(c, SwitchNetwork) else \
+            [c] if isinstance(c, WriteFile) else []
+    return out
 
 
 def make_host(**raw):
@@ -108,9 +117,14 @@ def test_dhcp_plan_on_a_machine_root_is_exact():
     profiles = {"ethernet-dhcp": old_profile(), "wifi": {**old_profile("wlan0"), "wants": f"{WANTS}/w"}}
     changes = plugin.configure_network(make_facts(profiles=profiles), make_host())
     new_wants = f"{WANTS}/netctl@xenbridge\\x2ddhcp.service"
+    profile = WriteFile("/etc/netctl/xenbridge-dhcp", DHCP_PROFILE, mode=0o644, validate=("bash", "-n", "{}"),
+                        step="S11", why="netctl profile for bridge xenbr0 over eth0 (dhcp)")
     assert changes == [
-        WriteFile("/etc/netctl/xenbridge-dhcp", DHCP_PROFILE, mode=0o644, validate=("bash", "-n", "{}"),
-                  step="S11", why="netctl profile for bridge xenbr0 over eth0 (dhcp)"),
+        SwitchNetwork(bridge="xenbr0", uplink="eth0", files=[profile], start=[("netctl", "start", "xenbridge-dhcp")],
+                      undo=[("netctl", "stop", "xenbridge-dhcp")], stop=[("netctl", "stop", "ethernet-dhcp")],
+                      restart=[("netctl", "start", "ethernet-dhcp")], step="S11",
+                      why="move eth0 into xenbr0 (netctl start xenbridge-dhcp), back to ethernet-dhcp unless it"
+                          " works within 30 s"),
         RemoveFile(OLD_WANTS, step="S11",
                    why="disable netctl profile ethernet-dhcp (Interface=eth0): enabled for eth0, it would"
                        " take eth0 back from xenbr0 at boot"),
@@ -131,22 +145,20 @@ def test_static_plan_on_a_live_host_is_exact():
                      dns=["192.168.1.1", "9.9.9.9"], timeout=20)
     changes = plugin.configure_network(facts, host)
     new_wants = f"{WANTS}/netctl@xenbridge\\x2dstatic.service"
+    profile = WriteFile("/etc/netctl/xenbridge-static", STATIC_PROFILE, mode=0o644, validate=("bash", "-n", "{}"),
+                        step="S11", why="netctl profile for bridge xenbr0 over enp3s0 (static)")
     assert changes == [
-        WriteFile("/etc/netctl/xenbridge-static", STATIC_PROFILE, mode=0o644, validate=("bash", "-n", "{}"),
-                  step="S11", why="netctl profile for bridge xenbr0 over enp3s0 (static)"),
+        # the running profile (office) is the one stopped and put back on failure
+        SwitchNetwork(bridge="xenbr0", uplink="enp3s0", address="192.168.1.10/24", gateway="192.168.1.1",
+                      switch_timeout=20, files=[profile], stop=[("netctl", "stop", "office")],
+                      start=[("netctl", "start", "xenbridge-static")], undo=[("netctl", "stop", "xenbridge-static")],
+                      restart=[("netctl", "start", "office")], step="S11",
+                      why="move enp3s0 into xenbr0 (netctl start xenbridge-static), back to office unless it works"
+                          " within 20 s"),
         RemoveFile(OLD_WANTS, step="S11",
                    why="disable netctl profile ethernet-dhcp (Interface=enp3s0): enabled for enp3s0, it would"
                        " take enp3s0 back from xenbr0 at boot"),
         RemoveFile(OLD_DROPIN, step="S11", why="the rest of disabling ethernet-dhcp"),
-        WriteFile(SWITCH, plugin.SWITCH_SCRIPT, mode=0o755, validate=("sh", "-n", "{}"), step="S11",
-                  why="the script that switches to the bridge and puts the old network back if it fails"),
-        # the running profile (office) is the one stopped and put back on failure
-        RunCommand((SWITCH, "switch", "office", "xenbridge-static", "xenbr0", "enp3s0", "192.168.1.10/24",
-                    "192.168.1.1", "20"),
-                   unless=(SWITCH, "check", "xenbr0", "enp3s0", "192.168.1.10/24"), step="S11",
-                   timeout=140,  # the script's 20 s, and room: a hung netctl fails the run
-                   why="move enp3s0 into xenbr0 (netctl start xenbridge-static), reverting to office"
-                       " unless it works within 20 s"),
         RunCommand(("netctl", "reenable", "xenbridge-static"), creates=new_wants,
                    onchange=("/etc/netctl/xenbridge-static",),
                    writes=(new_wants, "/etc/systemd/system/netctl@xenbridge\\x2dstatic.service.d/profile.conf"),
@@ -156,9 +168,11 @@ def test_static_plan_on_a_live_host_is_exact():
 
 def test_live_dhcp_switch_without_netctl_profile_restores_by_hand():
     changes = plugin.configure_network(make_facts(live=True), make_host(profile="br", timeout=5))
-    (switch,) = [c for c in changes if isinstance(c, RunCommand) and c.argv[0] == SWITCH]
-    assert switch.argv == (SWITCH, "switch", "-", "br", "xenbr0", "eth0", "dhcp", "-", "5")
+    (switch,) = [c for c in changes if isinstance(c, SwitchNetwork)]
+    assert switch.argv == (SWITCH, "run", "xenbr0", "eth0", "dhcp", "-", "5")
     assert switch.unless == (SWITCH, "check", "xenbr0", "eth0", "dhcp")
+    assert switch.stop == switch.restart == ()  # no profile to stop: the old addresses come back by hand
+    assert switch.timeout == 125  # the switch's 5 s, and room: a hung netctl fails the run
 
 
 def test_other_bridges_over_the_uplink_are_disabled_too():
@@ -177,7 +191,7 @@ def test_second_run_finds_the_uplink_behind_the_bridge():
     for profiles in (own, {}):
         # bridge_port as the facts plugin gives it (tests/test_plugin_contract.py)
         facts = make_facts(uplink="xenbr0", interfaces=interfaces, profiles=profiles, bridge_port="eth0")
-        (profile,) = [c for c in plugin.configure_network(facts, make_host()) if isinstance(c, WriteFile)]
+        (profile,) = written(plugin.configure_network(facts, make_host()))
         assert "BindsToInterfaces=(eth0)\n" in profile.content.decode()
 
 
@@ -201,14 +215,13 @@ def test_plans_that_cannot_work_are_refused(facts, raw, message):
                                            (["dhclient"], "DHCPClient='dhclient'\n"),
                                            (["dhclient", "dhcpcd"], None), ([], None)])
 def test_dhcp_client_is_named_only_when_one_is_installed(clients, line):
-    (profile,) = [c for c in plugin.configure_network(make_facts(netctl_dhcp_clients=clients), make_host())
-                  if isinstance(c, WriteFile)]
+    (profile,) = written(plugin.configure_network(make_facts(netctl_dhcp_clients=clients), make_host()))
     assert profile.content.decode() == DHCP_PROFILE + (line or "")
 
 
 def test_static_without_gateway_has_no_gateway_line():
     changes = plugin.configure_network(make_facts(), make_host(ip="static", address="10.1.2.3/16"))
-    text = changes[0].content.decode()
+    text = written(changes)[0].content.decode()
     assert "Address=('10.1.2.3/16')\n" in text and "Gateway" not in text and "DNS" not in text
 
 
@@ -229,9 +242,8 @@ def bash_values(path: Path, expr: str) -> list[str]:
 def test_profiles_round_trip_through_bash(tmp_path, kind):
     raw = {"ip": "static", "address": "192.168.1.10/24", "gateway": "192.168.1.1",
            "dns": ["192.168.1.1", "9.9.9.9"]} if kind == "static" else {"dns": ["10.0.0.53"]}
-    (profile,) = [c for c in plugin.configure_network(make_facts(uplink="eth0.100",
-                                                                 interfaces=[iface("eth0.100")]), make_host(**raw))
-                  if isinstance(c, WriteFile)]
+    (profile,) = written(plugin.configure_network(make_facts(uplink="eth0.100", interfaces=[iface("eth0.100")]),
+                                                  make_host(**raw)))
     path = tmp_path / "profile"
     path.write_bytes(profile.content)
     got = bash_values(path, '"$Description" "$Interface" "$Connection" "$IP" "${#BindsToInterfaces[@]}"'
@@ -304,10 +316,8 @@ def test_unit_names_match_systemd_escape():
         == {n: plugin.unit_name(n) for n in names}
 
 
-def test_netctl_list_and_ifupdown():
+def test_netctl_list():
     assert plugin.parse_netctl_list("  ethernet-dhcp\n* office\n  wifi\n") == ["office"]
-    text = "auto lo\niface lo inet loopback\n\nallow-hotplug eno1 # the uplink\niface eno1 inet dhcp\nauto br0 eth1\n"
-    assert plugin.parse_ifupdown(text) == ["eno1", "br0", "eth1"]
 
 
 def test_bridge_status_on_ip_json_samples():
@@ -346,13 +356,10 @@ def netctl_site(site, monkeypatch):
 
 def test_facts_from_a_machine_root(netctl_site):
     root = netctl_site / "hosts" / "arch-uefi"
-    (root / "etc/network").mkdir()
-    (root / "etc/network/interfaces").write_text("auto lo\nallow-hotplug eno1\niface eno1 inet dhcp\n")
     facts = plugin.detect_hardware(Probe(LocalTarget(root)))
     assert facts["netctl_profiles"] == {"ethernet-dhcp": {
         "interface": "eno1", "connection": "ethernet", "ip": "dhcp", "binds_to": [], "enabled": True,
         "wants": OLD_WANTS, "dropin": None, "active": None}}
-    assert facts["netctl_ifupdown"] == ["eno1"]
     assert facts["netctl_dhcp_clients"] == [] and facts["netctl_ping"] is False
     (root / "usr/bin/dhcpcd").write_text("#!/bin/sh\n")
     assert plugin.detect_hardware(Probe(LocalTarget(root)))["netctl_dhcp_clients"] == ["dhcpcd"]

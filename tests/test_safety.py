@@ -175,3 +175,52 @@ def test_a_managed_file_that_is_a_link_is_never_written_through(site, link):
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--yes")
     assert r.returncode == 2 and f"/etc/fstab is a symbolic link (to {link})" in r.stderr, r.stderr
     assert tree_hash(site) == before and Path("/etc/passwd").read_bytes() == host_passwd
+
+
+def test_an_undo_goes_on_past_a_file_it_cannot_put_back_and_names_it(site, sample_plugin):
+    """The run's command turns /etc/motd into a folder with a file in it, then
+    fails (busybox has no chattr; the effect is the same): the undo cannot
+    put that one file back, puts back every other, and says which and what to do
+    (exit 1, one line). The next run tries again; once the flag is gone it
+    recovers and converges."""
+    from conftest import lab_host
+    root = lab_host(site, 'files = 2\ncommand = ["lockmotd"]', applets=("sh", "rm", "mkdir", "touch", "true"))
+    script = root / "usr/local/bin/lockmotd"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("#!/bin/sh\nrm -f /etc/motd\nmkdir /etc/motd\ntouch /etc/motd/held\nexit 1\n")
+    script.chmod(0o755)
+    env = {"PYTHONPATH": str(sample_plugin)}
+    args = ("setup", "--config", site / "plugins.toml", "--host", "lab", "--yes")
+    r = run_xenrun(*args, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "every other file was put back, but could not put back /etc/motd" in r.stderr, r.stderr
+    assert not (root / "etc/xenrun-sample/1").exists()  # the others are back
+    r = run_xenrun(*args, env=env)  # the next run meets the same file: one line again, no traceback
+    assert r.returncode in (1, 2) and "/etc/motd" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    shutil.rmtree(root / "etc/motd")  # the user fixes it
+    text = (site / "plugins.toml").read_text().replace('command = ["lockmotd"]', 'command = ["true"]')
+    (site / "plugins.toml").write_text(text)
+    r = run_xenrun(*args, env=env)
+    assert r.returncode == 0 and "undid interrupted run" in r.stdout, r.stdout + r.stderr
+    again = run_xenrun(*args, env=env)
+    assert again.returncode == 0 and "Nothing to do" in again.stdout, again.stdout
+
+
+@pytest.mark.parametrize("sample, message", [
+    ("cpuinfo-arm64.txt", "not an x86-64 machine (/proc/cpuinfo: vendor none"),
+    ("cpuinfo-s390x.txt", "not an x86-64 machine (/proc/cpuinfo: vendor IBM/S390"),
+    ("cpuinfo-power9.txt", "not an x86-64 machine (/proc/cpuinfo: vendor none"),
+    ("domU", "this machine is a Xen guest (domU"),
+])
+def test_a_machine_that_is_not_an_x86_dom0_candidate_is_refused(site, sample, message):
+    from conftest import REPO
+    root = site / "hosts/arch-grub"
+    if sample == "domU":
+        (root / "proc/xen").mkdir(parents=True, exist_ok=True)
+        (root / "proc/xen/capabilities").write_text("")
+    else:
+        (root / "proc/cpuinfo").write_text((REPO / "tests/samples" / sample).read_text())
+    before = tree_hash(site)
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--yes")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert tree_hash(site) == before

@@ -9,7 +9,8 @@ like a third-party plugin. The hooks themselves are documented in
 - ``hookimpl``: the marker for hook implementations.
 - Changes (what a hook returns; only the core applies them): ``WriteFile``,
   ``EnsureLine``, ``Symlink``, ``CopyFile``, ``RemoveFile``, ``SparseFile``,
-  ``RunCommand``; ``Change`` is their base.
+  ``RunCommand``; ``Change`` is their base. ``SwitchNetwork``: a network plugin's
+  new configuration made live by the core's lockout-safe switch (xenrun.netswitch).
 - ``BootEntry`` (boot_entry), ``DomainDisk`` (create_domain), and the guest values
   hooks receive: ``Domain``, ``DiskSpec``.
 - Settings: ``Setting`` and ``checks`` (the value checks: ``checks.size``,
@@ -21,7 +22,9 @@ like a third-party plugin. The hooks themselves are documented in
   host being planned (shown with the plan, and as ``notes`` in --format json).
 - ``Facts`` (what hooks read), ``Probe`` (what detect_hardware reads through),
   ``Host`` (the host's configuration and settings), ``parsers`` (the pure parsers
-  of the core's facts: ``parsers.parse_os_release``, ``parse_shell_vars``, ...).
+  of the core's facts: ``parsers.parse_os_release``, ``parse_shell_vars``, ...),
+  ``netconf`` (network stacks: interfaces(5) and systemd-networkd files, which stack
+  is in charge, ``netconf.check_stack`` for a network plugin's refusal).
 - Profiles, the per-distribution differences: ``Profile``, ``profile_for``,
   ``boot_files``.
 - Test helpers, loaded on first use: ``plan_host``, ``apply_host``, ``changes_for``
@@ -31,10 +34,10 @@ like a third-party plugin. The hooks themselves are documented in
 from __future__ import annotations
 
 from xenrun import facts as parsers
-from xenrun import hookimpl
+from xenrun import hookimpl, netconf
 from xenrun import settings as checks
-from xenrun.changes import (BootEntry, Change, CopyFile, EnsureLine, RemoveFile, RunCommand, SparseFile, Symlink,
-                            WriteFile)
+from xenrun.changes import (BootEntry, Change, CopyFile, EnsureLine, RemoveFile, RunCommand, SparseFile,
+                            SwitchNetwork, Symlink, WriteFile)
 from xenrun.config import Host
 from xenrun.domains import DiskSpec, Domain, DomainDisk
 from xenrun.errors import PlanError, TargetError
@@ -48,10 +51,11 @@ _TESTING = ("plan_host", "apply_host", "changes_for")
 __all__ = [
     "hookimpl",
     "Change", "WriteFile", "EnsureLine", "Symlink", "CopyFile", "RemoveFile", "SparseFile", "RunCommand",
+    "SwitchNetwork",
     "BootEntry", "DomainDisk", "Domain", "DiskSpec",
     "Setting", "checks",
     "PlanError", "TargetError", "note", "warn",
-    "Facts", "Probe", "Host", "parsers", "parse_shell_vars",
+    "Facts", "Probe", "Host", "parsers", "parse_shell_vars", "netconf",
     "Profile", "profile_for", "boot_files",
     *_TESTING,
 ]

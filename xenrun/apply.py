@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from xenrun.changes import RemoveFile, RunCommand, SparseFile, Symlink, WriteFile
-from xenrun.errors import ApplyError
+from xenrun.changes import RemoveFile, RunCommand, SparseFile, SwitchNetwork, Symlink, WriteFile
+from xenrun.errors import ApplyError, HostLost
+from xenrun.netswitch import confirm_argv, plan_folder, run_argv
 from xenrun.plan import CHANGE, PENDING, Outcome, State
 
 STATE_DIR = "/var/lib/xenrun"
@@ -216,7 +217,10 @@ class Applier:
             journal = Journal.read(self.target, run_id)
             if journal.records and journal.ended is None:
                 self.log.warning("undoing an interrupted run", run=run_id)
-                _undo(self.target, journal)
+                failed = _undo(self.target, journal)
+                if failed:  # left un-ended: the next run tries again
+                    raise ApplyError(f"{self.host}: undoing interrupted run {run_id}: "
+                                     + _not_put_back(failed, journal))
                 journal.write(op="undone", reason="interrupted; undone by a later run")
                 undone.append(run_id)
         return undone
@@ -252,12 +256,17 @@ class Applier:
                     for index in batch:
                         results[index] = "changed"
         except BaseException as e:
-            _undo(self.target, self.journal)
+            failed = _undo(self.target, self.journal)
             what = ", ".join(_describe(o.change) for o in current[:3]) + (" ..." if len(current) > 3 else "") \
                 if current else "apply"
-            self.journal.write(op="failed", step=what, error=str(e))
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                if not failed:
+                    self.journal.write(op="failed", step=what, error=str(e))
                 raise
+            if failed:  # no end record: the next run undoes what is left
+                raise ApplyError(f"{self.host}: {what} failed: {e}; every other file was put back, but "
+                                 + _not_put_back(failed, self.journal)) from e
+            self.journal.write(op="failed", step=what, error=str(e))
             raise ApplyError(f"{self.host}: {what} failed: {e}; every file this run changed was put back") from e
         self.journal.write(op="commit", time=time.time())
         self.point("commit")
@@ -268,16 +277,18 @@ class Applier:
         the originals of what it touches (the files, the paths its command writes)
         copied once per run and on record, durably."""
         orig = f"{self.journal.folder}/orig"
-        files = [o for o in stretch if not isinstance(o.change, RunCommand)]
-        made = self.target.makedirs_many(([orig] if first else [])
-                                         + [o.path.rpartition("/")[0] or "/" for o in files])
+        files = [o.path for o in stretch if not isinstance(o.change, RunCommand)]
+        files += [p for o in stretch if isinstance(o.change, SwitchNetwork) for p in o.change.paths]
+        made = self.target.makedirs_many(([orig] if first else []) + [p.rpartition("/")[0] or "/" for p in files])
         for folder in made:
             if folder != orig and not orig.startswith(folder + "/"):  # the run's own folders stay
                 self.journal.note(op="mkdir", path=folder)
                 self.point("folder created")
         wanted = []  # (path, how): "follow", "link" (a link is saved as a link) or "image"
         for o in stretch:
-            if isinstance(o.change, RunCommand):
+            if isinstance(o.change, SwitchNetwork):
+                wanted += [(p, "follow") for p in o.change.paths]  # the script puts them back itself too
+            elif isinstance(o.change, RunCommand):
                 wanted += [(p, "link") for p in o.change.writes]  # a link the command replaces comes back as one
             elif isinstance(o.change, SparseFile):
                 wanted.append((o.path, "image"))
@@ -326,14 +337,11 @@ class Applier:
     def _apply_one(self, outcome: Outcome) -> None:
         change = outcome.change
         self.journal.secure()  # (done by _prepare: the originals are on record)
+        if isinstance(change, SwitchNetwork):
+            return self._switch(change)
         if isinstance(change, RunCommand):
             self.log.info("running", command=" ".join(change.argv), step=change.step)
-            result = self.target.run(change.argv, timeout=change.timeout)
-            self.journal.note(op="ran", argv=list(change.argv), rc=result.rc)
-            self.point("command ran")
-            if result.rc != 0:
-                tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-                raise RuntimeError(f"exit code {result.rc}" + (f": {' / '.join(tail)}" if tail else ""))
+            self._run(change.argv, change.timeout)
             return
         path, after = outcome.path, outcome.after
         if isinstance(change, SparseFile):
@@ -343,6 +351,40 @@ class Applier:
         else:
             self.target.symlink(path, after.link)
         self.journal.note(op="done", path=path, sha256=_sha(after.data))
+        self.point("file done")
+
+    def _run(self, argv: tuple[str, ...], timeout: float | None) -> None:
+        result = self.target.run(argv, timeout=timeout)
+        self.journal.note(op="ran", argv=list(argv), rc=result.rc)
+        self.point("command ran")
+        if result.rc != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"exit code {result.rc}" + (f": {' / '.join(tail)}" if tail else ""))
+
+    def _switch(self, change: SwitchNetwork) -> None:
+        """A network switch (xenrun.netswitch): its plan folder written next to the
+        originals just saved, the script run, then confirmed by a command of its
+        own, which proves that the host is still reached after the switch; without
+        that confirmation the script puts the old network back by itself."""
+        folder = f"{self.journal.folder}/switch-{len([r for r in self.journal.records if r.get('op') == 'ran'])}"
+        saved = {}
+        for record in self.journal.records:
+            if record.get("op") == "saved":
+                saved.setdefault(record["path"], record["state"])
+        self.target.makedirs_many([folder])
+        self.target.write_new_many(plan_folder(change, folder, saved))
+        for number, file in enumerate(change.files, 1):  # each new file checked before the switch
+            if getattr(file, "validate", ()):
+                result = self.target.run_on_file(file.validate, f"{folder}/new.{number}")
+                if result.rc != 0:
+                    msg = (result.stderr or result.stdout).strip().splitlines()
+                    raise RuntimeError(f"{' '.join(file.validate)} rejected the new {file.path}"
+                                       + (f": {msg[-1]}" if msg else ""))
+        self.log.info("switching the network", bridge=change.bridge, uplink=change.uplink, step=change.step)
+        self._run(run_argv(change, folder), change.timeout)
+        self._run(confirm_argv(folder), 60)
+        for file in change.files:
+            self.journal.note(op="done", path=file.path, sha256=_sha(getattr(file, "content", None)))
         self.point("file done")
 
     def _write_batch(self, batch: list[Outcome]) -> None:
@@ -413,28 +455,45 @@ def _batches(stretch: list[int], outcomes: list[Outcome]) -> list[list[int]]:
     return batches
 
 
-def _undo(target, journal: Journal) -> None:
+def _undo(target, journal: Journal) -> list[str]:
     """Put back every file a run touched, newest first, and remove the folders it
-    made. Safe to repeat: every step sets a final state."""
+    made. Safe to repeat: every step sets a final state. A path it cannot put back
+    (an immutable file, a full disk) does not stop it: it goes on with the others
+    and returns those it could not, each with why."""
+    failed = []
     for record in reversed(journal.records):
         op, path = record.get("op"), record.get("path")
-        if op == "saved":
-            state = record["state"]
-            tmp = path.rpartition("/")
-            target.remove(f"{tmp[0]}/.{tmp[2]}.xenrun-tmp")
-            if state["kind"] == "absent":
-                target.remove(path)
-            elif state["kind"] == "link":
-                target.symlink(path, state["target"])
-            elif state["kind"] == "sparse":
-                target.truncate(path, state["size"])
-            else:
-                data = target.read(state["copy"])
-                if data is None:
-                    continue  # the copy itself was never finished: the file was not touched
-                target.write_atomic(path, data, state["mode"], state["uid"], state["gid"])
-        elif op == "mkdir":
-            target.rmdir(path)
+        try:
+            if op == "saved":
+                _put_back(target, path, record["state"])
+            elif op == "mkdir":
+                target.rmdir(path)
+        except HostLost:
+            raise  # the host is gone: nothing more can be put back on this run
+        except Exception as e:  # noqa: BLE001 - any fault of the machine: name it, restore the rest
+            failed.append(f"{path} ({e})")
+    return failed
+
+
+def _put_back(target, path: str, state: dict) -> None:
+    tmp = path.rpartition("/")
+    target.remove(f"{tmp[0]}/.{tmp[2]}.xenrun-tmp")
+    if state["kind"] == "absent":
+        target.remove(path)
+    elif state["kind"] == "link":
+        target.symlink(path, state["target"])
+    elif state["kind"] == "sparse":
+        target.truncate(path, state["size"])
+    else:
+        data = target.read(state["copy"])
+        if data is None:
+            return  # the copy itself was never finished: the file was not touched
+        target.write_atomic(path, data, state["mode"], state["uid"], state["gid"])
+
+
+def _not_put_back(failed: list[str], journal: Journal) -> str:
+    return (f"could not put back {'; '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}: fix that, then run"
+            f" again (the originals are in {journal.folder}/orig)")
 
 
 def _describe(change) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from xenrun.settings import absolute_path
+from xenrun.settings import absolute_path, interface, ipv4_address, ipv4_interface
 
 # Every Change checks its own fields when it is made, so that a wrong value is the
 # fault of the plugin that made it (named with its file:line by the core), not a
@@ -227,6 +227,89 @@ class RunCommand(Change):
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
                                          or not self.timeout > 0):
             raise ValueError(f"{name}: timeout must be a positive number of seconds")
+
+
+NET_SWITCH = "/usr/local/lib/xenrun/net-switch"  # the core's switch script (xenrun/netswitch.sh)
+
+
+def _commands(value, what: str) -> tuple[tuple[str, ...], ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a list of commands (each a list of words), not {type(value).__name__}")
+    return tuple(_argv(argv, f"{what}[{i}]") for i, argv in enumerate(value))
+
+
+@dataclass(frozen=True)
+class SwitchNetwork(RunCommand):
+    """Make a new network configuration live on a running host without cutting it off
+    (S11): the core's switch script runs ``stop`` (with the old ``files`` in place),
+    puts the new ``files`` (WriteFile or RemoveFile) in place, runs ``start``, then
+    waits up to ``timeout`` seconds for ``uplink`` to be a port of ``bridge``, the
+    bridge up with ``address`` ("dhcp": any IPv4 address), the default route through
+    it and ``gateway`` (or the route's gateway) answering ping; and then for xenrun to
+    confirm, over a new command on the same connection, that it still reaches the host.
+    If any of it fails, or no confirmation comes, the script itself runs ``undo``,
+    puts the old files back, runs ``restart`` and, if the old addresses are still
+    missing, puts them back by hand: a host reached over SSH is never left cut off.
+
+    Off the live host (a --root folder, --files-only) only the files are written:
+    the new network starts at the next boot. ``argv`` and ``unless`` are made by the
+    core; a second run finds the files and the bridge as planned and does nothing."""
+
+    argv: tuple[str, ...] = ()
+    bridge: str = ""
+    uplink: str = ""
+    address: str = "dhcp"
+    files: tuple = ()
+    stop: tuple = ()
+    start: tuple = ()
+    undo: tuple = ()
+    restart: tuple = ()
+    gateway: str | None = None
+    switch_timeout: int = 30
+
+    def __post_init__(self):
+        name = f"SwitchNetwork {self.bridge!r:.30}"
+        for what, check in (("bridge", interface), ("uplink", interface)):
+            try:
+                check(getattr(self, what))
+            except ValueError as e:
+                raise ValueError(f"{name}: {what}: {e}") from None
+        if self.bridge == self.uplink:
+            raise ValueError(f"{name}: the uplink cannot be the bridge itself")
+        try:
+            if self.address != "dhcp":
+                ipv4_interface(self.address)
+            if self.gateway is not None:
+                ipv4_address(self.gateway)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if isinstance(self.switch_timeout, bool) or not isinstance(self.switch_timeout, int) \
+                or not 1 <= self.switch_timeout <= 3600:
+            raise ValueError(f"{name}: switch_timeout must be 1 to 3600 seconds")
+        if not isinstance(self.files, (list, tuple)) or not self.files or \
+                not all(isinstance(f, (WriteFile, RemoveFile)) for f in self.files):
+            raise TypeError(f"{name}: files must be a non-empty list of WriteFile or RemoveFile")
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"{name}: files name one path twice")
+        if any("\t" in p for p in paths):
+            raise ValueError(f"{name}: a path with a tab cannot be switched")
+        object.__setattr__(self, "files", tuple(self.files))
+        for what in ("stop", "start", "undo", "restart"):
+            object.__setattr__(self, what, _commands(getattr(self, what), f"{name}: {what}"))
+        if not self.start:
+            raise ValueError(f"{name}: start must name at least one command")
+        want = self.address
+        object.__setattr__(self, "argv", (NET_SWITCH, "run", self.bridge, self.uplink, want,
+                                          self.gateway or "-", str(self.switch_timeout)))
+        object.__setattr__(self, "unless", (NET_SWITCH, "check", self.bridge, self.uplink, want))
+        # bounds a hung stop/start: the script itself gives up and reverts after switch_timeout
+        object.__setattr__(self, "timeout", float(self.switch_timeout + 120))
+        super().__post_init__()
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(f.path for f in self.files)
 
 
 FILE_CHANGES = (WriteFile, EnsureLine, Symlink, CopyFile, RemoveFile, SparseFile)

@@ -207,4 +207,6 @@ def hypervisor_state(hyp_type: str | None, capabilities: str | None) -> dict:
     """/sys/hypervisor/type and /proc/xen/capabilities -> xen_running, xen_dom0.
     vmx/svm vanish from cpuinfo under Xen (S1), so this is read first."""
     running = (hyp_type or "").strip() == "xen" or capabilities is not None
-    return {"xen_running": running, "xen_dom0": "control_d" in (capabilities or "")}
+    # a guest's xenfs has the file without control_d; without xenfs it cannot be told
+    return {"xen_running": running, "xen_dom0": "control_d" in (capabilities or ""),
+            "xen_domu": capabilities is not None and "control_d" not in capabilities}

@@ -13,9 +13,19 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from xenrun.changes import (Change, CopyFile, EnsureLine, RemoveFile, RunCommand, SparseFile,
-                            Symlink, WriteFile)
+from xenrun.changes import (
+    Change,
+    CopyFile,
+    EnsureLine,
+    RemoveFile,
+    RunCommand,
+    SparseFile,
+    SwitchNetwork,
+    Symlink,
+    WriteFile,
+)
 from xenrun.errors import PlanError
+from xenrun.netswitch import expand
 
 CHANGE, UNCHANGED, PENDING = "change", "unchanged", "pending"
 
@@ -43,6 +53,7 @@ class Outcome:
     before: State | None = None
     after: State | None = None
     diff: str = ""
+    files: tuple = ()  # (path, State after) of the files a SwitchNetwork puts in place
 
     @property
     def path(self) -> str | None:
@@ -131,6 +142,8 @@ def unified(path: str, before: State, after: State) -> str:
 def assess(changes: list[Change], target, owed: frozenset = frozenset()) -> list[Outcome]:
     """Diff every change against the target, in order. Reads only. ``owed``: argv
     tuples of commands an earlier --files-only run left for the host (still needed)."""
+    # a network switch runs only on the live host; elsewhere only its files are written
+    changes = expand(changes, live=target.is_host and not target.files_only)
     read, look = _paths_of(changes)
     target.prefetch(read, stat_only=look)  # an SSH target: every path in one round trip
     view = Overlay(target)
@@ -141,6 +154,9 @@ def assess(changes: list[Change], target, owed: frozenset = frozenset()) -> list
         if outcome.action == CHANGE and outcome.path:
             changed_paths.add(outcome.path)
             view.planned[outcome.path] = outcome.after
+        for path, after in outcome.files:
+            changed_paths.add(path)
+            view.planned[path] = after
         outcomes.append(outcome)
     return _leave_what_cannot_run(outcomes, target)
 
@@ -168,6 +184,8 @@ def _paths_of(changes: list[Change]) -> tuple[list[str], list[str]]:
     for c in changes:
         if isinstance(c, SparseFile):
             look.append(c.path)  # a disk image is never read
+        elif isinstance(c, SwitchNetwork):
+            read += list(c.paths)
         elif isinstance(c, RunCommand):
             look += [c.creates] if c.creates else []
             read += list(c.writes)  # backed up before it runs
@@ -214,6 +232,8 @@ def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: 
         return _file_outcome(change, change.path, before, ABSENT, "already absent")
     if isinstance(change, SparseFile):
         return _assess_sparse(change, view)
+    if isinstance(change, SwitchNetwork):
+        return _assess_switch(change, view, target, changed, owed)
     if isinstance(change, RunCommand):
         return _assess_command(change, view, target, changed, owed)
     raise PlanError(f"unknown change type {type(change).__name__} from plugin {change.plugin!r}")
@@ -261,3 +281,21 @@ def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str]
         done += ["nothing it depends on changed"] if change.onchange else []
         return Outcome(change, UNCHANGED, "; ".join(done))
     return Outcome(change, CHANGE, "; ".join(reasons), diff=f"$ {word}\n")  # or pending: _leave_what_cannot_run
+
+
+def _assess_switch(change: SwitchNetwork, view: Overlay, target, changed: set[str], owed: frozenset) -> Outcome:
+    """A network switch: its files diffed as WriteFile and RemoveFile would be, and
+    its run needed when one of them changes or the bridge is not as planned."""
+    files, diffs = [], []
+    for file in change.files:
+        outcome = _assess_one(file, view, target, changed)
+        if outcome.action == CHANGE:
+            files.append((file.path, outcome.after))
+            diffs.append(outcome.diff)
+    command = _assess_command(change, view, target, changed, owed)
+    if files:
+        reason = f"{', '.join(p for p, _ in files)} to change" + (
+            f"; {command.reason}" if command.action == CHANGE else "")
+        return Outcome(change, CHANGE, reason, diff="".join(diffs) + f"$ {' '.join(change.argv)}\n",
+                       files=tuple(files))
+    return command

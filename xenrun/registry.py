@@ -24,6 +24,8 @@ BUILTIN = {
     "xen": "xenrun.plugins.xen",
     "grub": "xenrun.plugins.grub",
     "netctl": "xenrun.plugins.netctl",
+    "ifupdown": "xenrun.plugins.ifupdown",
+    "networkd": "xenrun.plugins.networkd",
     "syslinux": "xenrun.plugins.syslinux",
     "efistub": "xenrun.plugins.efistub",
     "image": "xenrun.plugins.image",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from xenrun.changes import RunCommand
+from xenrun.changes import RunCommand, SwitchNetwork
 from xenrun.plan import CHANGE, PENDING
 
 _MARK = {CHANGE: "~", "changed": "~", "unchanged": "=", PENDING: "!", "failed": "x"}
@@ -29,7 +29,8 @@ def text(result, show_unchanged: bool = True) -> str:
         tag = " ".join(x for x in (c.step, c.plugin) if x)
         out.append(f"{_MARK.get(action, '?')} {_label(c)}  [{tag}] {c.why}".rstrip())
         out.append(f"    {action}: {outcome.reason}")
-        if action in (CHANGE, "changed") and outcome.diff and not isinstance(c, RunCommand):
+        if action in (CHANGE, "changed") and outcome.diff and (isinstance(c, SwitchNetwork)
+                                                               or not isinstance(c, RunCommand)):
             out += ["    " + line for line in outcome.diff.rstrip("\n").split("\n")]
     s = result.summary()
     verb = {"planned": "Plan", "applied": "Applied", "nothing to do": "Nothing to do",
@@ -53,7 +54,9 @@ def as_dict(result) -> dict:
         c = outcome.change
         item = {"kind": c.kind, "plugin": c.plugin, "step": c.step, "why": c.why,
                 "action": outcome.action, "result": action, "reason": outcome.reason}
-        if isinstance(c, RunCommand):
+        if isinstance(c, SwitchNetwork):  # a command with the files it puts in place
+            item.update(argv=list(c.argv), paths=list(c.paths), diff=outcome.diff)
+        elif isinstance(c, RunCommand):
             item["argv"] = list(c.argv)
         else:
             item["path"] = outcome.path

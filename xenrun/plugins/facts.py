@@ -7,8 +7,9 @@ xenrun.facts."""
 from __future__ import annotations
 
 import fnmatch
+import re
 
-from xenrun.api import hookimpl
+from xenrun.api import hookimpl, netconf
 from xenrun.api import parsers as parse
 
 PROGRAMS = ("grub-mkconfig", "update-grub", "grub-install", "grub-reboot", "grub-set-default",
@@ -24,7 +25,7 @@ _BIN = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "
 
 @hookimpl
 def detect_hardware(probe):
-    text = lambda p: probe.text(p) or ""  # noqa: E731 - absent files read as empty
+    text = lambda p: probe.text(p) or ""
     facts = {"live": probe.live, "hostname": text("/etc/hostname").strip() or None}
     facts["distro"] = parse.parse_os_release(probe.text("/etc/os-release") or text("/usr/lib/os-release"))
 
@@ -59,6 +60,7 @@ def detect_hardware(probe):
     facts["interfaces"] = [_interface(probe, n) for n in probe.listdir("/sys/class/net") if n != "lo"]
     facts["uplink"] = parse.parse_default_route(text("/proc/net/route"))
     facts["bridge_port"] = _bridge_port(facts["interfaces"], facts["uplink"])
+    facts.update(_network_stack(probe, [n for n in (facts["bridge_port"], facts["uplink"]) if n]))
 
     vgs = probe.command(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
                          "-o", "vg_name,vg_size,vg_free"]) if "vgs" in programs else None
@@ -105,3 +107,42 @@ def _bridge_port(interfaces: list[dict], uplink: str | None) -> str | None:
 def _master(probe, base: str) -> str | None:
     link = probe.link(f"{base}/master")
     return link.rsplit("/", 1)[-1] if link else None
+
+
+# what each stack needs installed, as the network plugins do
+_STACK_PROGRAMS = {"ifupdown": ("ifup",), "netctl": ("netctl",), "NetworkManager": ("NetworkManager",)}
+_NETWORKD = ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd")
+
+
+def _network_stack(probe, names: list[str]) -> dict:
+    """Which network stack brings the uplink up at boot (network_stack, with
+    network_stack_why), and which stacks are installed (network_stacks)."""
+    installed = [stack for stack, programs in _STACK_PROGRAMS.items()
+                 if any(probe.exists(f"{d}/{p}") for p in programs for d in _BIN)]
+    if any(probe.exists(p) for p in _NETWORKD):
+        installed.append("networkd")
+    wants = probe.listdir(netconf.WANTS)
+    ifupdown = None
+    if "ifupdown" in installed:
+        main = probe.text(netconf.IFUPDOWN_FILE) or ""
+        ifupdown = {"auto": [], "ifaces": {}, "files": {}}
+        for path in netconf.stanza_files(main, probe.listdir):
+            parsed = netconf.parse_interfaces(main if path == netconf.IFUPDOWN_FILE else probe.text(path) or "")
+            ifupdown["auto"] += parsed["auto"]
+            for name, families in parsed["ifaces"].items():
+                ifupdown["ifaces"].setdefault(name, {}).update(families)
+                ifupdown["files"].setdefault(name, path)
+    networkd = None
+    if "networkd" in installed and "systemd-networkd.service" in wants:
+        networkd = [(f"{d}/{n}", probe.text(f"{d}/{n}") or "") for d in netconf.NETWORKD_DIRS
+                    for n in sorted(probe.listdir(d)) if n.endswith(".network")]
+    netctl = []
+    for unit in wants:
+        m = re.fullmatch(r"netctl@(.+)\.service", unit)
+        if m and "netctl" in installed:
+            profile = netconf.systemd_unescape(m.group(1))
+            found = re.search(r"^\s*Interface=['\"]?([^'\"\s]+)", probe.text(f"/etc/netctl/{profile}") or "", re.MULTILINE)
+            if found:
+                netctl.append((profile, found.group(1)))
+    stack, why = netconf.stack_in_charge(names, ifupdown, networkd, netctl, wants)
+    return {"network_stack": stack, "network_stack_why": why, "network_stacks": sorted(installed)}

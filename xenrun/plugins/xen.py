@@ -84,6 +84,7 @@ def xen_options(facts, host):
 @hookimpl
 def configure_host(facts, host):
     s = host.settings["xen"]
+    _refuse_other_machines(facts, host)
     profile = profile_for(facts)
     if not facts.xen_running and not facts.hvm:
         warn("no vmx or svm in /proc/cpuinfo: only PV guests will run (S1)")
@@ -104,6 +105,21 @@ def configure_host(facts, host):
     changes.append(RemoveFile("/etc/udev/rules.d/xend.rules", step="S27",
                               why="xend is gone; its udev rule makes errors"))
     return changes
+
+
+X86_VENDORS = ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls", "  Shanghai  ")
+
+
+def _refuse_other_machines(facts, host) -> None:
+    """The article's Xen is a dom0 on an x86-64 machine of its own: not a Xen guest,
+    not ARM, s390 or POWER (whose /proc/cpuinfo has processors but no x86 vendor)."""
+    if facts.get("xen_domu"):
+        raise PlanError(f"{host.name}: this machine is a Xen guest (domU: /proc/xen/capabilities has no"
+                        " control_d): xenrun makes a dom0 of a machine of its own")
+    vendor = facts.get("cpu_vendor")
+    if (vendor or facts.get("cpus")) and vendor not in X86_VENDORS:
+        raise PlanError(f"{host.name}: not an x86-64 machine (/proc/cpuinfo: vendor {vendor or 'none'},"
+                        f" {facts.get('cpu_model') or 'no x86 model name'}): the article's Xen dom0 is x86 only")
 
 
 def _install(facts, s, profile, host) -> RunCommand:
