@@ -138,3 +138,98 @@ def test_xen_version_from_the_names_packages_leave():
                         "xen-4.17-amd64.config", "xen-4.17"]) == "4.17"
     assert xen_version(["xen-4.9.2.gz", "xen-4.17.3.gz", "xen.gz", "xen-4.gz"]) == "4.17.3"
     assert xen_version(["vmlinuz-linux", "grub"]) is None
+
+
+# the dom0 helper units as upstream Xen's tools/hotplug/Linux/systemd installs them
+XEN_INIT_DOM0 = """[Unit]
+Description=xen-init-dom0, initialise Dom0 configuration (xenstore nodes, JSON configuration stub)
+Requires=xenstored.service proc-xen.mount
+After=xenstored.service proc-xen.mount
+ConditionPathExists=/proc/xen/capabilities
+
+[Service]
+Type=oneshot
+RemainAfterExit=true
+ExecStartPre=/bin/grep -q control_d /proc/xen/capabilities
+ExecStart=/usr/lib/xen/bin/xen-init-dom0 $XEN_DOM0_UUID
+
+[Install]
+WantedBy=multi-user.target
+"""
+DISK_BACKEND = """[Unit]
+Description=qemu for xen dom0 disk backend
+Requires=proc-xen.mount xenstored.service
+After=xenstored.service xenconsoled.service
+Before=xendomains.service libvirtd.service libvirt-guests.service
+
+[Service]
+Type=simple
+ExecStart=/usr/lib/xen/bin/qemu-system-i386 -xen-domid 0 -xen-attach -name dom0 -nographic -M xenpv -daemonize
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _enabled(changes) -> list[str]:
+    return [c.why.removeprefix("enable ") for c in changes if c.why.startswith("enable ")]
+
+
+def test_arch_dom0_helper_units_are_enabled_where_the_package_ships_them(site):
+    units = site / "hosts/arch-grub/usr/lib/systemd/system"
+    # the example's package ships neither (the golden plan above has none)
+    assert _enabled(_xen(site, "arch-grub")) == ["xenstored.service", "xenconsoled.service", "xendomains.service"]
+    (units / "xen-init-dom0.service").write_text(XEN_INIT_DOM0)
+    changes = _xen(site, "arch-grub")
+    assert _enabled(changes) == ["xenstored.service", "xenconsoled.service", "xendomains.service",
+                                 "xen-init-dom0.service"]
+    assert Symlink("/etc/systemd/system/multi-user.target.wants/xen-init-dom0.service",
+                   "/usr/lib/systemd/system/xen-init-dom0.service", step="S12", why="enable xen-init-dom0.service",
+                   plugin="xen") in changes
+    (units / "xen-qemu-dom0-disk-backend.service").write_text(DISK_BACKEND)
+    assert _enabled(_xen(site, "arch-grub"))[3:] == ["xen-init-dom0.service", "xen-qemu-dom0-disk-backend.service"]
+
+
+def test_dom0_helper_units_applied_enabled_and_a_second_plan_is_empty(site):
+    from xenrun.testing import plan_host
+    units = site / "hosts/arch-grub/usr/lib/systemd/system"
+    (units / "xen-init-dom0.service").write_text(XEN_INIT_DOM0)
+    (units / "xen-qemu-dom0-disk-backend.service").write_text(DISK_BACKEND)
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--yes", "--files-only")
+    assert r.returncode == 0, r.stderr
+    wants = site / "hosts/arch-grub/etc/systemd/system/multi-user.target.wants"
+    for unit in ("xen-init-dom0.service", "xen-qemu-dom0-disk-backend.service"):
+        assert os.readlink(wants / unit) == f"/usr/lib/systemd/system/{unit}"
+    facts, outcomes = plan_host(site / "plugins.toml", "arch-grub")
+    assert [o for o in outcomes if o.action == "change" and o.change.plugin == "xen"] == []
+
+
+def test_under_xen_the_shipped_helper_units_are_started_too():
+    from xenrun.api import Facts, profile_for
+    from xenrun.plugins import xen
+    units = {u: {"path": f"/usr/lib/systemd/system/{u}", "wanted_by": ["multi-user.target"]}
+             for u in ("xenstored.service", "xenconsoled.service", "xendomains.service", "xen-init-dom0.service")}
+    facts = Facts({"distro": {"id": "arch"}, "xen_units": units, "packages": {"xen": "4.17.3-1"},
+                   "xen_running": True, "live": True})
+    started = [c.argv[2] for c in xen._services(facts, profile_for(facts)) if isinstance(c, RunCommand)]
+    assert started == ["xenstored.service", "xenconsoled.service", "xendomains.service", "xen-init-dom0.service"]
+
+
+def test_debian_never_plans_the_arch_helper_units(site):
+    units = site / "hosts/debian-grub/lib/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    (units / "xen-init-dom0.service").write_text(XEN_INIT_DOM0)
+    assert _enabled(_xen(site, "debian-grub")) == ["xen.service", "xendomains.service"]
+
+
+def test_arch_installing_xen_notes_the_helper_units_for_the_next_setup(site):
+    root = site / "hosts/arch-grub"
+    shutil.rmtree(root / "var/lib/pacman/local/xen-4.5.0-2")
+    (root / "usr/bin/yay").write_bytes(b"placeholder\n")
+    (root / "usr/bin/yay").chmod(0o755)
+    (site / "plugins.toml").write_text((site / "plugins.toml").read_text().replace(
+        '[plugin.xen]', '[plugin.xen]\naur_user = "builder"'))
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry", "--files-only")
+    assert r.returncode == 0, r.stderr
+    assert ("xen-init-dom0.service and xen-qemu-dom0-disk-backend.service: enabled by the next setup if the xen"
+            " package ships them") in r.stdout + r.stderr

@@ -20,8 +20,9 @@ class Profile:
     install_argv: tuple[str, ...]
     xen_from_aur: bool
     xl: str  # installed by the Xen package: proves it is there
-    # services to enable (S12)
+    # services to enable (S12), and those enabled only where the package ships them
     xen_services: tuple[str, ...]
+    xen_services_if_shipped: tuple[str, ...]
     # GRUB (S7): the file holding the hypervisor command line, its variable, and the
     # command that regenerates grub.cfg
     grub_cfg: str
@@ -39,6 +40,9 @@ ARCH = Profile(
     id="arch", name="Arch Linux", xen_package="xen",
     install_argv=("-S", "--needed", "--noconfirm"), xen_from_aur=True, xl="/usr/bin/xl",
     xen_services=("xenstored.service", "xenconsoled.service", "xendomains.service"),
+    # the dom0 helpers of today's Xen: xenstore's dom0 nodes, and qemu serving
+    # dom0's own qdisk backends (shipped only when Xen is built with qemu)
+    xen_services_if_shipped=("xen-init-dom0.service", "xen-qemu-dom0-disk-backend.service"),
     grub_cfg="/boot/grub/grub.cfg", grub_mkconfig=("grub-mkconfig", "-o", "/boot/grub/grub.cfg"),
     grub_xen_file="/etc/xen/grub.conf", grub_xen_var="XEN_HYPERVISOR_CMDLINE",
     grub_xen_script="/etc/grub.d/09_xen",
@@ -51,6 +55,7 @@ DEBIAN = Profile(
     install_argv=("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y"),
     xen_from_aur=False, xl="/usr/sbin/xl",
     xen_services=("xen.service", "xendomains.service"),
+    xen_services_if_shipped=(),  # Debian ships neither unit: its xen init script sets dom0 up
     grub_cfg="/boot/grub/grub.cfg", grub_mkconfig=("update-grub",),
     grub_xen_file="/etc/default/grub.d/xen.cfg", grub_xen_var="GRUB_CMDLINE_XEN_DEFAULT",
     grub_xen_script="/etc/grub.d/20_linux_xen",

@@ -6,6 +6,10 @@ GRUB_CMDLINE_XEN_DEFAULT: from /etc/default/grub.d/xen.cfg on Debian (with
 update-grub, and XEN_OVERRIDE_GRUB_DEFAULT=0 so Debian does not make Xen the
 default), from /etc/default/grub on Arch without 09_xen.
 
+The hypervisor options already on that line are kept (merge_xen_cmdline):
+xenrun's own win by key, the others stay in their order before xenrun's, so the
+plan's diff shows them kept; a value only the shell could read is refused.
+
 Never lose the way back (S10): GRUB_DEFAULT=saved with the Linux entry saved as
 the default, and the Xen entry booted once with grub-reboot; `xenrun promote`
 makes Xen the default after it has been seen to boot. Xen is booted without
@@ -30,6 +34,10 @@ GRUB_CHECK = ("grub-script-check", "{}")  # for grub.cfg text (boot-check's imag
 # grub-mkconfig sources; Debian's stock copies use backticks and $(...), which
 # grub-script-check rejects, so they are checked as shell
 SHELL_CHECK = ("sh", "-n", "{}")
+# every (file, variable) _xen_cmdline_file can choose: their current values are facts
+XEN_CMDLINE_VARS = (("/etc/xen/grub.conf", "XEN_HYPERVISOR_CMDLINE"),
+                    ("/etc/default/grub.d/xen.cfg", "GRUB_CMDLINE_XEN_DEFAULT"),
+                    (DEFAULT_GRUB, "GRUB_CMDLINE_XEN_DEFAULT"))
 
 # Installed on the host; finds the entries grub-mkconfig made (their titles and ids
 # differ between 09_xen and 20_linux_xen) and acts on them. Static text: every
@@ -109,7 +117,92 @@ def detect_hardware(probe):
         "grub_scripts": probe.listdir("/etc/grub.d"),
         "grub_default": parse_shell_vars(probe.text(DEFAULT_GRUB) or ""),
         "grub_env_device": boot_spec,
+        "grub_xen_cmdline": {path: last_assignment(probe.text(path) or "", var) for path, var in XEN_CMDLINE_VARS},
     }
+
+
+def last_assignment(text: str, var: str) -> dict | None:
+    """The last line of a shell file that assigns ``var`` (the one in force), as
+    {"line": number, "value": its right-hand side as written}; None without one.
+    Commented lines do not count."""
+    found = None
+    for number, line in enumerate(text.splitlines(), 1):
+        m = re.match(rf"\s*{var}=(.*)$", line)
+        if m:
+            found = {"line": number, "value": m.group(1)}
+    return found
+
+
+def shell_value(rhs: str) -> str | None:
+    """The value a shell assignment ``VAR=<rhs>`` gives, when it can be read
+    without a shell: unquoted, '...' and "..." parts, then an optional comment.
+    None when only running it could tell: an expansion ($, backquotes, ~), a
+    backslash, a second word (a command), a quote left open."""
+    out, i = [], 0
+    while i < len(rhs):
+        c = rhs[i]
+        if c in " \t":
+            rest = rhs[i:].strip()
+            if rest and not rest.startswith("#"):
+                return None
+            break
+        if c in "'\"":
+            end = rhs.find(c, i + 1)
+            part = rhs[i + 1:end]
+            if end < 0 or c == '"' and re.search(r"[$`\\]", part):
+                return None
+            out.append(part)
+            i = end + 1
+        elif c in "$`\\~;&|<>()":
+            return None
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def option_key(option: str) -> str:
+    """What a Xen option sets: the part before '=' (a flag is its own key)."""
+    return option.split("=", 1)[0]
+
+
+def merge_xen_cmdline(existing: str, ours: list[str]) -> str:
+    """The hypervisor command line: the options of ``existing`` whose key xenrun
+    does not set, in their order, then xenrun's ``ours``. Merging the result
+    again gives the same line."""
+    keys = {option_key(o) for o in ours}
+    return " ".join([o for o in existing.split() if option_key(o) not in keys] + list(ours))
+
+
+def shell_assignment(var: str, value: str) -> str | None:
+    """``var=value`` quoted so that sh reads back exactly ``value``: in double
+    quotes, in single quotes when it holds $, `, \\ or "; None when it cannot be."""
+    if not re.search(r'[$`\\"]', value):
+        return f'{var}="{value}"'
+    return f"{var}='{value}'" if "'" not in value else None
+
+
+def _xen_cmdline(facts, path: str, var: str, ours: list[str]) -> str:
+    """The line setting ``var`` in ``path`` to the merged command line."""
+    values = facts.grub_xen_cmdline or {}
+    current, source = values.get(path), path
+    if current is None and path != DEFAULT_GRUB and var == "GRUB_CMDLINE_XEN_DEFAULT":
+        # grub.d/xen.cfg is sourced after /etc/default/grub: without its own
+        # assignment the options in force are those of /etc/default/grub
+        current, source = values.get(DEFAULT_GRUB), DEFAULT_GRUB
+    where = f"{source}:{current['line']}: {var}" if current else f"{path}: {var}"
+    existing = shell_value(current["value"]) if current else ""
+    if existing is None:
+        raise PlanError(f"{where}: the value cannot be read without running the shell ($(...), backquotes, $VAR,"
+                        " a backslash or an open quote); write its options plainly in quotes, then run setup again")
+    if any(option_key(o) == "noreboot" for o in existing.split()):
+        raise PlanError(f"{where}: noreboot would keep a panicked Xen from rebooting into the old Linux entry,"
+                        " the way back (S10); remove it, then run setup again")
+    line = shell_assignment(var, merge_xen_cmdline(existing, ours))
+    if line is None:
+        raise PlanError(f"{where}: the options hold both a quote and $, ` or \\, which cannot be written back"
+                        " in one quoted value; write them plainly, then run setup again")
+    return line
 
 
 def _env_unwritable(facts) -> str | None:
@@ -140,9 +233,8 @@ def configure_boot(facts, host, xen_options):
                         f"{', '.join(facts.bootloaders) or 'none'}); choose another boot plugin")
     profile = profile_for(facts)
     path, var, validate = _xen_cmdline_file(facts, profile)
-    cmdline = " ".join(xen_options)
-    changes = [EnsureLine(path, f'{var}="{cmdline}"', replace=rf"^\s*#?\s*{var}=", validate=validate,
-                          step="S7", why="the Xen command line (S14 settings)")]
+    changes = [EnsureLine(path, _xen_cmdline(facts, path, var, xen_options), replace=rf"^\s*#?\s*{var}=",
+                          validate=validate, step="S7", why="the Xen command line (S14 settings)")]
     if path == profile.grub_xen_file and profile.id == "debian":
         changes.append(EnsureLine(path, "XEN_OVERRIDE_GRUB_DEFAULT=0", replace=r"^(?:#\s*)?XEN_OVERRIDE_GRUB_DEFAULT=",  # top level only: never Debian's if block
                                   validate=validate, step="S10", why="keep Linux the default until Xen has booted"))

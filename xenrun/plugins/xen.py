@@ -2,7 +2,8 @@
 Always selected.
 
 S6 install Xen (apt on Debian; on Arch the AUR package through yay or paru run as
-``aur_user``), S12 enable the Xen services (and start them once Xen runs), S13 the
+``aur_user``), S12 enable the Xen services (and start them once Xen runs; on Arch
+also xen-init-dom0 and xen-qemu-dom0-disk-backend where the package ships them), S13 the
 xenfs line in /etc/fstab, S27 remove a stale xend udev rule, S14 the dom0 options
 handed to the boot plugin. Warns for S1 (no vmx/svm) and S4 (VirtualBox)."""
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 
 from xenrun.api import (hookimpl, checks as check, EnsureLine, RemoveFile, RunCommand, Symlink, PlanError,
-                        profile_for, Setting, warn)
+                        profile_for, Setting, note, warn)
 # nofail: the kept plain-Linux entry (S10) has no xenfs, and without nofail systemd
 # would stop that boot in emergency mode over this line; under Xen it mounts as before
 XENFS_LINE = "none /proc/xen xenfs defaults,nofail 0 0"
@@ -141,7 +142,12 @@ def _install(facts, s, profile, host) -> RunCommand:
 
 def _services(facts, profile) -> list:
     changes = []
-    for unit in profile.xen_services:
+    shipped = [u for u in profile.xen_services_if_shipped if u in facts.xen_units]
+    missing = [u for u in profile.xen_services_if_shipped if u not in facts.xen_units]
+    if missing and profile.xen_package not in facts.packages:
+        # facts are read before S6 installs the package: its unit files are not there yet
+        note(f"{' and '.join(missing)}: enabled by the next setup if the {profile.xen_package} package ships them")
+    for unit in profile.xen_services + tuple(shipped):
         known = facts.xen_units.get(unit)
         if known and known["wanted_by"]:
             # what `systemctl enable` does, as links the journal can undo
