@@ -39,17 +39,18 @@ def make_fleet(folder: Path, sshd, n: int = N, broken: bool = True) -> Path:
     copy of example machine HOSTS[i % 4] (so it selects grub, efistub or syslinux),
     every third host also selects the sample plugin, dom0_mem differs per host."""
     (folder / "hosts").mkdir(parents=True)
-    lines = ['[defaults]\nnetwork = "netctl"\n', '[groups]\nfirst = ["xen01", "xen02", "xen03"]\n',
+    lines = ['[groups]\nfirst = ["xen01", "xen02", "xen03"]\n',
              '[plugin.xen]\ndom0_mem = "512M"\n']
     for i in range(1, n + 1):
         name, kind = f"xen{i:02d}", HOSTS[i % len(HOSTS)]
         root = folder / "hosts" / name
         shutil.copytree(EXAMPLES / "hosts" / kind, root, symlinks=True)
         boot = {"arch-uefi": "efistub", "arch-syslinux": "syslinux"}.get(kind, "grub")
+        network = "ifupdown" if kind == "debian-grub" else "netctl"  # each machine's own stack
         address = sshd.address if not (broken and name == UNREACHABLE) else f"root@127.0.0.1:{free_port()}"
         plugins = '["sample"]' if i % 3 == 0 or (broken and name == FAILING) else "[]"
         lines.append(f'[hosts.{name}]\naddress = "{address}"\nroot = "{root}"\nidentity = "{sshd.key}"\n'
-                     f'boot = "{boot}"\nplugins = {plugins}\n')
+                     f'boot = "{boot}"\nnetwork = "{network}"\nplugins = {plugins}\n')
         dom0_mem = "900G" if broken and name == BAD_FACTS else f"{256 + i}M"
         lines.append(f'[hosts.{name}.plugin.xen]\ndom0_mem = "{dom0_mem}"\n')
         if boot == "efistub":

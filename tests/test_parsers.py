@@ -33,9 +33,11 @@ def test_this_machines_cpuinfo():
 
 
 def test_hypervisor_state():
-    assert parse.hypervisor_state("xen\n", "control_d\n") == {"xen_running": True, "xen_dom0": True}
-    assert parse.hypervisor_state(None, None) == {"xen_running": False, "xen_dom0": False}
-    assert parse.hypervisor_state("xen", "") == {"xen_running": True, "xen_dom0": False}
+    assert parse.hypervisor_state("xen\n", "control_d\n") == {"xen_running": True, "xen_dom0": True, "xen_domu": False}
+    assert parse.hypervisor_state(None, None) == {"xen_running": False, "xen_dom0": False, "xen_domu": False}
+    assert parse.hypervisor_state("xen", "") == {"xen_running": True, "xen_dom0": False, "xen_domu": True}
+    # a guest without xenfs mounted cannot be told from a host that has not booted Xen
+    assert parse.hypervisor_state("xen", None) == {"xen_running": True, "xen_dom0": False, "xen_domu": False}
 
 
 def test_os_release():

@@ -166,8 +166,11 @@ def test_setup_over_ssh_equals_local_apply_and_a_rerun_changes_nothing(site, ssh
     # facts, plan and assessment read ahead together: a round per level of reads
     # that depend on others (facts, then what they name; links), nothing per path
     assert stats(r2)["command"] <= 3 and stats(r2).get("sftp", 0) == 0
-    for run in (r, r2):  # the read-ahead's speculative passes say nothing; the real one says it once
-        assert sum("neither dhclient nor dhcpcd" in line for line in run.stderr.splitlines()) == 1, run.stderr
+    # the read-ahead's speculative passes say nothing; the real one says it once (the
+    # stock Debian has its dhclient, so it has nothing to say)
+    warnings = 0 if host == "debian-grub" else 1
+    for run in (r, r2):
+        assert sum("neither dhclient nor dhcpcd" in line for line in run.stderr.splitlines()) == warnings, run.stderr
 
 
 def test_commands_run_inside_the_root_with_chroot_over_ssh(site, sshd):

@@ -189,8 +189,8 @@ def test_efistub_on_debian_copies_the_kernel_beside_xen(site):
     (root / "sys/firmware/efi").mkdir(parents=True)
     (root / "usr/bin/efibootmgr").write_bytes(b"placeholder\n")
     (site / "plugins.toml").write_text((site / "plugins.toml").read_text().replace(
-        'root = "hosts/debian-grub"\nboot = "grub"',
-        'root = "hosts/debian-grub"\nboot = "efistub"\n\n[hosts.debian-grub.plugin.efistub]\ndisk = "/dev/vda"\npartition = 15'))
+        'root = "hosts/debian-grub"\nboot = "grub"\nnetwork = "ifupdown"',
+        'root = "hosts/debian-grub"\nboot = "efistub"\nnetwork = "ifupdown"\n\n[hosts.debian-grub.plugin.efistub]\ndisk = "/dev/vda"\npartition = 15'))
     facts, changes = _of(site, "debian-grub", "efistub")
     copies = [(c.src, c.dest) for c in changes if isinstance(c, CopyFile)]
     assert copies == [("/boot/xen-4.17-amd64.efi", "/boot/efi/EFI/xen/xen.efi"),

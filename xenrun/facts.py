@@ -204,7 +204,7 @@ def parse_vgs_json(text: str) -> list[dict]:
 
 
 def hypervisor_state(hyp_type: str | None, capabilities: str | None) -> dict:
-    """/sys/hypervisor/type and /proc/xen/capabilities -> xen_running, xen_dom0.
+    """/sys/hypervisor/type and /proc/xen/capabilities -> xen_running, xen_dom0, xen_domu.
     vmx/svm vanish from cpuinfo under Xen (S1), so this is read first."""
     running = (hyp_type or "").strip() == "xen" or capabilities is not None
     # a guest's xenfs has the file without control_d; without xenfs it cannot be told

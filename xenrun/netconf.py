@@ -49,6 +49,16 @@ def bridge_settings(written_to: str) -> dict[str, Setting]:
     }
 
 
+def bridge_plan(facts, host, plugin: str) -> tuple[dict, str]:
+    """The start of every network plugin's configure_network: its settings and the
+    "HOST: [plugin.NAME]" its errors begin with, once the stack and the addresses
+    are checked."""
+    s, where = host.settings[plugin], f"{host.name}: [plugin.{plugin}]"
+    check_stack(facts, plugin, host.name)
+    check_addresses(s, where)
+    return s, where
+
+
 def check_addresses(s, where: str) -> None:
     if s["ip"] == "static":
         if not s["address"]:

@@ -71,13 +71,16 @@ class Overlay:
         """The state of a file a change writes. A symbolic link there is refused:
         writing through it would change another file than the one planned (and
         shown), which a rollback would then not know."""
+        self.refuse_link(path, plugin)
+        return self.state(path)
+
+    def refuse_link(self, path: str, plugin: str) -> None:
         if path not in self.planned:
             info = self.target.lstat(path)
             if info is not None and info.kind == "link":
                 raise PlanError(f"{path} is a symbolic link (to {info.link}) on {self.target}: xenrun does not write"
                                 f" through links ({plugin or 'a plugin'} plans it); replace the link by the file"
                                 " itself, then run again")
-        return self.state(path)
 
     def state(self, path: str, follow: bool = True) -> State:
         """``follow``: a link to a file is seen as that file (edits go through the
@@ -240,7 +243,7 @@ def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: 
 
 
 def _assess_sparse(change: SparseFile, view: Overlay) -> Outcome:
-    view.destination(change.path, change.plugin)  # never a disk through a link
+    view.refuse_link(change.path, change.plugin)  # never a disk through a link (and never read: it is big)
     info = view.target.stat(change.path) if change.path not in view.planned else None
     before = (view.planned.get(change.path) or
               (State("sparse", size=info.size) if info and info.kind == "file" else

@@ -1,7 +1,7 @@
 """The end-to-end machine (issue 6): an emulated Debian 12 host driven over SSH.
 
 - ``image``: builds a bootable Debian 12 disk image once (debootstrap, kernel,
-  GRUB on the disk's MBR, systemd, OpenSSH, netctl, LVM, Xen preinstalled) and
+  GRUB on the disk's MBR, systemd, OpenSSH, ifupdown, LVM, Xen preinstalled) and
   caches it under $XENRUN_CACHE/e2e (or <repo>/.cache/e2e), stamped with its
   recipe so a change rebuilds it.
 - ``vm``: boots it under QEMU TCG on a throw-away qcow2 overlay, user networking

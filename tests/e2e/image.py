@@ -12,14 +12,14 @@ How it is built (root needed; no device-mapper on these machines, and loop
 devices here do not show partitions, so nothing relies on either):
 
 1. ``debootstrap --variant=minbase --include=...`` bookworm into a folder: the
-   kernel, grub-pc, systemd, OpenSSH, netctl with dhclient, LVM and Xen.
+   kernel, grub-pc, systemd, OpenSSH, ifupdown with dhclient, LVM and Xen.
    The machine has no route to Debian's mirror once it runs (QEMU user
    networking with restrict=on), so Xen (xen-system-amd64) is preinstalled here,
    and xenrun's install step (S6) finds it installed.
 2. The folder is configured: hostname, fstab by a fixed UUID, root's
    authorized_keys, a serial console (GRUB, Linux ttyS0; dom0 hvc0 under Xen),
-   ``net.ifnames=0`` so the NIC is eth0, and a netctl profile ``ethernet-dhcp``
-   enabled for eth0 (the profile xenrun's bridge takes over, as in the article).
+   ``net.ifnames=0`` so the NIC is eth0, and /etc/network/interfaces as Debian's
+   installer writes it (eth0 on DHCP with ifupdown: what xenrun's bridge takes over).
 3. A sparse raw disk gets an MBR partition table (sfdisk); the partition is
    reached through a loop device with an offset, formatted with the tree
    inside (``mkfs.ext4 -d``) and mounted; ``update-grub`` runs in a chroot
@@ -54,10 +54,23 @@ DISK_BYTES = 6 << 30  # sparse; the tree takes about 1.3 GiB
 PART_START = 1 << 20  # sector 2048
 PACKAGES = (
     "systemd-sysv", "udev", "kmod", "linux-image-amd64", "initramfs-tools", "grub-pc",
-    "openssh-server", "netctl", "isc-dhcp-client", "iproute2", "iputils-ping", "bridge-utils",
+    "openssh-server", "ifupdown", "isc-dhcp-client", "iproute2", "iputils-ping", "bridge-utils",
     "lvm2", "xen-system-amd64", "procps", "util-linux", "e2fsprogs", "less",
 )
-NETCTL_PROFILE = "ethernet-dhcp"  # the article's example name; a dash, so its unit name is escaped
+# what Debian's installer writes for a machine with one NIC on DHCP
+INTERFACES = """# This file describes the network interfaces available on your system
+# and how to activate them. For more information, see interfaces(5).
+
+source /etc/network/interfaces.d/*
+
+# The loopback network interface
+auto lo
+iface lo inet loopback
+
+# The primary network interface
+allow-hotplug eth0
+iface eth0 inet dhcp
+"""
 LINUX_CMDLINE = "console=ttyS0,115200 net.ifnames=0"
 DOM0_CMDLINE = "console=hvc0 earlyprintk=xen net.ifnames=0"
 
@@ -279,11 +292,9 @@ def _configure(b: Builder) -> None:
         "GRUB_CMDLINE_LINUX_XEN_REPLACE": DOM0_CMDLINE, "GRUB_TERMINAL": "serial",
         "GRUB_SERIAL_COMMAND": "serial --unit=0 --speed=115200", "GRUB_DISABLE_OS_PROBER": "true",
     }))
-    # the uplink: netctl with DHCP on eth0, enabled (xenrun's bridge takes it over)
-    _write(t, f"/etc/netctl/{NETCTL_PROFILE}", "Description='DHCP on eth0'\nInterface=eth0\n"
-           "Connection=ethernet\nIP=dhcp\nDHCPClient=dhclient\n")
+    # the uplink: ifupdown with DHCP on eth0, as Debian's installer leaves it (xenrun's bridge takes it over)
+    _write(t, "/etc/network/interfaces", INTERFACES)
     with ChrootMounts(b, t):
-        b.run(["chroot", t, "netctl", "enable", NETCTL_PROFILE])
         # nothing in the machine may try to reach a network it does not have
         for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer"):
             subprocess.run(["chroot", str(t), "systemctl", "disable", unit], capture_output=True)

@@ -12,8 +12,8 @@ serial console) goes to files in the work folder, named in the log.
    SSH before and after); boot 2 still boots the old Linux entry.
 4. ``xenrun setup --yes``: facts, Xen found installed (S6: preinstalled, the
    machine reaches no mirror), services (S12), xenfs (S13), the Xen command line
-   (S7, S14), GRUB with Xen booted once (S10), the netctl bridge xenbr0 over eth0
-   switched live (S11).
+   (S7, S14), GRUB with Xen booted once (S10), the ifupdown bridge xenbr0 over eth0
+   switched live under the SSH session (S11).
 5. boot 3 (Xen, once): ``xl list`` shows Domain-0 (S15), Xen's command line has
    dom0_mem, eth0 is a port of xenbr0 which has the address, /proc/xen is xenfs,
    the services are active, and Linux is still GRUB's saved default.
@@ -60,7 +60,7 @@ MANAGED_FILES = ("/etc/fstab", "/etc/default/grub", "/etc/default/grub.d/xen.cfg
 GUEST_IMAGE, GUEST_LVM = "e2e-img", "e2e-lvm"
 GUESTS = {GUEST_IMAGE: 'backend = "image"\nsize = "256M"',  # a sparse file in /var/lib/xen/images
           GUEST_LVM: 'backend = "lvm"\nvg = "vg0"\nsize = "192M"'}  # /dev/vg0/e2e-lvm on the second disk
-MANAGED_DIRS = ("/etc/netctl", "/etc/systemd/system", "/usr/local/lib/xenrun", "/etc/udev/rules.d")
+MANAGED_DIRS = ("/etc/network", "/etc/systemd/system", "/usr/local/lib/xenrun", "/etc/udev/rules.d")
 
 
 class ScenarioError(AssertionError):
@@ -133,7 +133,7 @@ class Scenario:
 address = "{self.vm.address}"
 identity = "id_ed25519"
 boot = "grub"
-network = "netctl"
+network = "ifupdown"
 
 [plugin.xen]
 dom0_mem = "{DOM0_MEM}"
@@ -142,7 +142,7 @@ options = {json.dumps(XEN_OPTIONS)}   # Xen's console on the serial log
 # The bridge must keep the machine's address: QEMU forwards SSH to 10.0.2.15
 # only. With DHCP it does, since it wears eth0's MAC (see BRIDGE_IP in
 # tests/e2e/scenario.py).
-[plugin.netctl]
+[plugin.ifupdown]
 interface = "eth0"
 ip = "{BRIDGE_IP}"
 {'address = "10.0.2.15/24"' if BRIDGE_IP == "static" else ""}
@@ -242,8 +242,8 @@ ip = "{BRIDGE_IP}"
         active = self.vm.ssh("systemctl is-active xen.service xendomains.service", check=False).stdout.split()
         self.check(active == ["active", "active"], "xen.service and xendomains.service are active (S12)",
                    " ".join(active))
-        netctl = self.sh("netctl list")
-        self.check(f"* xenbridge-{BRIDGE_IP}" in netctl, f"netctl shows xenbridge-{BRIDGE_IP} active", netctl)
+        state = self.sh("ifquery --state")
+        self.check("xenbr0=xenbr0" in state.split(), "ifupdown has xenbr0 up (its stanza in interfaces.d)", state)
 
     # -- guests (S16 to S23) ------------------------------------------------------------
     def prepare_guests(self) -> None:

@@ -68,11 +68,8 @@ def _sourced(files: dict[str, str], path: str) -> bool:
 
 @hookimpl
 def configure_network(facts, host):
-    s = host.settings["ifupdown"]
+    s, where = netconf.bridge_plan(facts, host, "ifupdown")
     bridge, ip = s["bridge"], s["ip"]
-    where = f"{host.name}: [plugin.ifupdown]"
-    netconf.check_stack(facts, "ifupdown", host.name)
-    netconf.check_addresses(s, where)
     if not facts.get("ifupdown_bridge_utils"):
         raise PlanError(f"{host.name}: network = \"ifupdown\" needs bridge-utils for bridge_ports"
                         " (apt install bridge-utils)")

@@ -254,12 +254,9 @@ def detect_hardware(probe):
 
 @hookimpl
 def configure_network(facts, host):
-    s = host.settings["netctl"]
+    s, where = netconf.bridge_plan(facts, host, "netctl")
     bridge, ip = s["bridge"], s["ip"]
     profile = s["profile"] or f"xenbridge-{ip}"
-    where = f"{host.name}: [plugin.netctl]"
-    netconf.check_stack(facts, "netctl", host.name)
-    netconf.check_addresses(s, where)
     profiles = facts.get("netctl_profiles") or {}
     uplink = netconf.find_uplink(facts, s, where, (profiles.get(profile) or {}).get("binds_to") or [])
 

@@ -34,11 +34,8 @@ def file_names(bridge: str) -> tuple[str, str, str]:
 
 @hookimpl
 def configure_network(facts, host):
-    s = host.settings["networkd"]
+    s, where = netconf.bridge_plan(facts, host, "networkd")
     bridge, ip = s["bridge"], s["ip"]
-    where = f"{host.name}: [plugin.networkd]"
-    netconf.check_stack(facts, "networkd", host.name)
-    netconf.check_addresses(s, where)
     uplink = netconf.find_uplink(facts, s, where)
     mac = next((i.get("mac") for i in facts.get("interfaces") or [] if i["name"] == uplink), None)
     netdev, port, network = file_names(bridge)
