@@ -124,3 +124,30 @@ def lab_host(site: Path, settings: str, applets=("true", "false", "sleep")) -> P
     (site / "plugins.toml").write_text(text)
     add_busybox(root, *applets)
     return root
+
+
+def talk(argv, *answers: bytes, timeout=60) -> tuple[int, str]:
+    """Run ``argv`` on a pseudo-terminal, answering its questions ("[y/N]") in
+    turn with ``answers``; return (exit code, everything it showed)."""
+    import pty
+    import select
+    import time
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(argv[0], argv)
+    screen, asked, deadline = b"", 0, time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            screen += chunk
+            if asked < len(answers) and screen.count(b"[y/N]") > asked:
+                os.write(fd, answers[asked])
+                asked += 1
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import pty
-import select
 import shutil
-import sys
-import time
 
-from conftest import run_xenrun
+import pytest
+import sys
+
+from conftest import run_xenrun, talk
+
 from xenrun.changes import EnsureLine, RemoveFile, RunCommand, Symlink
 from xenrun.testing import changes_for
 
@@ -39,10 +39,14 @@ def test_debian_installs_with_apt_and_enables_with_systemctl(site):
     status.write_text(status.read_text().replace("Package: xen-system-amd64\nStatus: install ok installed",
                                                  "Package: xen-system-amd64\nStatus: deinstall ok config-files"))
     changes = _xen(site, "debian-grub")
-    assert changes[0] == RunCommand(("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
-                                     "xen-system-amd64"), creates="/usr/sbin/xl", step="S6",
-                                    why="install Xen (xen-system-amd64)", plugin="xen")
-    assert [c.argv for c in changes if isinstance(c, RunCommand)][1:] == [
+    assert changes[:2] == [
+        RunCommand(("apt-get", "update"), creates="/usr/sbin/xl", step="S6",
+                   why="fetch the package lists before installing Xen", plugin="xen"),
+        RunCommand(("env", "DEBIAN_FRONTEND=noninteractive", "XEN_OVERRIDE_GRUB_DEFAULT=0",
+                             "apt-get", "-o", "Dpkg::Options::=--force-confdef",
+                    "-o", "Dpkg::Options::=--force-confold", "install", "-y", "xen-system-amd64"),
+                   creates="/usr/sbin/xl", replan=True, step="S6", why="install Xen (xen-system-amd64)", plugin="xen")]
+    assert [c.argv for c in changes if isinstance(c, RunCommand)][2:] == [
         ("systemctl", "enable", "xen.service"), ("systemctl", "enable", "xendomains.service")]
 
 
@@ -95,38 +99,15 @@ def test_stale_xend_rule_is_removed_and_comes_back_on_rollback(site):
     assert rule.read_text().startswith('SUBSYSTEM=="xen-backend"')
 
 
-def _talk(argv, answer: bytes, timeout=60) -> tuple[int, str]:
-    """Run ``argv`` on a pseudo-terminal, answer its question, return (exit, screen)."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(argv[0], argv)
-    screen, answered, deadline = b"", False, time.time() + timeout
-    while time.time() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            screen += chunk
-            if not answered and b"[y/N]" in screen:
-                os.write(fd, answer)
-                answered = True
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), screen.decode(errors="replace")
-
-
 def test_on_a_terminal_setup_shows_the_plan_and_asks(site):
     argv = [sys.executable, "-m", "xenrun", "setup", "--config", str(site / "plugins.toml"), "--host",
             "arch-syslinux", "--files-only"]
     fstab = site / "hosts/arch-syslinux/etc/fstab"
     before = fstab.read_bytes()
-    code, screen = _talk(argv, b"n\n")
+    code, screen = talk(argv, b"n\n")
     assert code == 0 and "+none /proc/xen xenfs defaults,nofail 0 0" in screen and "to arch-syslinux? [y/N]" in screen
     assert fstab.read_bytes() == before and "Not applied" in screen
-    code, screen = _talk(argv, b"y\n")
+    code, screen = talk(argv, b"y\n")
     assert code == 0 and "Applied:" in screen
     assert b"/proc/xen xenfs" in fstab.read_bytes()
 
@@ -231,5 +212,46 @@ def test_arch_installing_xen_notes_the_helper_units_for_the_next_setup(site):
         '[plugin.xen]', '[plugin.xen]\naur_user = "builder"'))
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-grub", "--dry", "--files-only")
     assert r.returncode == 0, r.stderr
-    assert ("xen-init-dom0.service and xen-qemu-dom0-disk-backend.service: enabled by the next setup if the xen"
-            " package ships them") in r.stdout + r.stderr
+    assert ("xen-init-dom0.service and xen-qemu-dom0-disk-backend.service: enabled once xen is installed, if it"
+            " ships them (the plan is made again after the install)") in r.stdout + r.stderr
+
+
+# the lines of Debian 12's /etc/init.d/xen (xen-utils-common) that matter here
+DEBIAN_XEN_INIT = """#!/bin/sh
+case "$(cat /sys/hypervisor/type 2>/dev/null)" in
+xen)		;;
+*)	exit 0	;; # not running under Xen
+esac
+xenfs_setup()
+{
+	[ -d "/proc/xen" ] || return 1
+	mount -t xenfs xenfs /proc/xen || return 1
+}
+"""
+# upstream Xen's tools/hotplug/Linux/systemd/proc-xen.mount
+PROC_XEN_MOUNT = """[Unit]
+Description=Mount /proc/xen files
+ConditionPathExists=/proc/xen
+RefuseManualStop=true
+
+[Mount]
+What=xenfs
+Where=/proc/xen
+Type=xenfs
+"""
+
+
+@pytest.mark.parametrize("host, path, text", [
+    ("debian-grub", "etc/init.d/xen", DEBIAN_XEN_INIT),
+    ("arch-grub", "usr/lib/systemd/system/proc-xen.mount", PROC_XEN_MOUNT),
+])
+def test_no_fstab_line_where_the_package_mounts_xenfs_only_under_xen(site, host, path, text):
+    """Under the kept plain-Linux entry there is no /proc/xen: an fstab line would
+    leave a failed mount unit there, and the package mounts xenfs itself."""
+    assert any(c.path == "/etc/fstab" for c in _xen(site, host) if hasattr(c, "path"))  # before: nothing of the package mounts it
+    (site / "hosts" / host / path).parent.mkdir(parents=True, exist_ok=True)
+    (site / "hosts" / host / path).write_text(text)
+    assert not any(getattr(c, "path", None) == "/etc/fstab" for c in _xen(site, host))
+    r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", host, "--dry", "--files-only")
+    assert r.returncode == 0, r.stderr
+    assert f"S13: /{path} (from the Xen package) mounts xenfs on /proc/xen, only under Xen" in r.stdout

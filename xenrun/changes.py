@@ -203,7 +203,11 @@ class RunCommand(Change):
     required, so that a second run knows there is nothing to do. ``writes`` names
     files the command rewrites (grub.cfg for grub-mkconfig): they are backed up
     first, so a failure or a rollback puts them back too. ``timeout`` (seconds)
-    bounds a command that could hang (it then fails and the run rolls back)."""
+    bounds a command that could hang (it then fails and the run rolls back).
+    ``replan``: the command changes what the rest of the plan was made from (a
+    package install brings its own files): once it has run, the run commits there
+    and everything after it is planned again from fresh facts, as a second run
+    under the same lock."""
 
     argv: tuple[str, ...]
     creates: str | None = None
@@ -211,6 +215,7 @@ class RunCommand(Change):
     onchange: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
     timeout: float | None = None
+    replan: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -227,6 +232,8 @@ class RunCommand(Change):
         if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
                                          or not self.timeout > 0):
             raise ValueError(f"{name}: timeout must be a positive number of seconds")
+        if not isinstance(self.replan, bool):
+            raise TypeError(f"{name}: replan must be true or false, not {type(self.replan).__name__}")
 
 
 NET_SWITCH = "/usr/local/lib/xenrun/net-switch"  # the core's switch script (xenrun/netswitch.sh)

@@ -346,7 +346,8 @@ def run_hosts(options: run.Options, names: list[str], parallel: int = DEFAULT_PA
 
     def confirm_for(name):
         def confirm(result: run.Result) -> bool:
-            if _signature(result) == shown[name]:
+            # a plan made again after an install: the plan shown said it would be
+            if result.replanned or _signature(result) == shown[name]:
                 return True
             result.notes.append("the plan changed after it was shown: not applied; run again to see it")
             return False

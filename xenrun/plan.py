@@ -172,8 +172,12 @@ def _leave_what_cannot_run(outcomes: list[Outcome], target) -> list[Outcome]:
     if runs:
         target.find_programs([o.change.argv[0] for o in runs])
     asked = {id(o) for o in runs}
+    written: set[str] = set()  # executables the plan writes before a command runs them (a helper script)
     for index, outcome in enumerate(outcomes):
-        blocked = target.cannot_run(outcome.change.argv) if id(outcome) in asked else None
+        if outcome.action == CHANGE and isinstance(outcome.change, WriteFile) and outcome.change.mode & 0o111:
+            written.add(outcome.change.path)
+        blocked = target.cannot_run(outcome.change.argv, outcome.change.argv[0] in written) \
+            if id(outcome) in asked else None
         if blocked:
             outcomes[index] = Outcome(outcome.change, PENDING, f"left for the host: {blocked}; needed: {outcome.reason}",
                                       diff=outcome.diff)

@@ -19,6 +19,7 @@ class Profile:
     # package comes from the AUR and is built by an AUR helper as a normal user
     install_argv: tuple[str, ...]
     xen_from_aur: bool
+    refresh_argv: tuple[str, ...] | None  # the package lists fetched first (a stock install may have none)
     xl: str  # installed by the Xen package: proves it is there
     # services to enable (S12), and those enabled only where the package ships them
     xen_services: tuple[str, ...]
@@ -38,7 +39,7 @@ class Profile:
 
 ARCH = Profile(
     id="arch", name="Arch Linux", xen_package="xen",
-    install_argv=("-S", "--needed", "--noconfirm"), xen_from_aur=True, xl="/usr/bin/xl",
+    install_argv=("-S", "--needed", "--noconfirm"), xen_from_aur=True, refresh_argv=None, xl="/usr/bin/xl",
     xen_services=("xenstored.service", "xenconsoled.service", "xendomains.service"),
     # the dom0 helpers of today's Xen: xenstore's dom0 nodes, and qemu serving
     # dom0's own qdisk backends (shipped only when Xen is built with qemu)
@@ -52,8 +53,15 @@ ARCH = Profile(
 
 DEBIAN = Profile(
     id="debian", name="Debian", xen_package="xen-system-amd64",
-    install_argv=("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y"),
-    xen_from_aur=False, xl="/usr/sbin/xl",
+    # no questions, and where a conffile of the package is already there (left by a
+    # hand edit or an earlier install) keep it: dpkg would otherwise stop and ask.
+    # XEN_OVERRIDE_GRUB_DEFAULT=0 reaches the update-grub the package runs: unset,
+    # the package's grub.d/xen.cfg makes Xen GRUB's default from the next boot on,
+    # before S10 has booted it once (the grub plugin then sets it in xen.cfg for good)
+    install_argv=("env", "DEBIAN_FRONTEND=noninteractive", "XEN_OVERRIDE_GRUB_DEFAULT=0", "apt-get",
+                  "-o", "Dpkg::Options::=--force-confdef",
+                  "-o", "Dpkg::Options::=--force-confold", "install", "-y"),
+    xen_from_aur=False, refresh_argv=("apt-get", "update"), xl="/usr/sbin/xl",
     xen_services=("xen.service", "xendomains.service"),
     xen_services_if_shipped=(),  # Debian ships neither unit: its xen init script sets dom0 up
     grub_cfg="/boot/grub/grub.cfg", grub_mkconfig=("update-grub",),

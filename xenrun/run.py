@@ -18,9 +18,9 @@ import structlog
 from xenrun import hooks, logs, registry
 from xenrun.apply import (STATE_DIR, Applier, Journal, left_by, owed_commands, read_state, remember_owed,
                           remove_created_folders, rollback_changes, run_ids, still_owed)
-from xenrun.changes import Change
+from xenrun.changes import Change, RunCommand
 from xenrun.config import Host, HostSpec, Site, load_site
-from xenrun.errors import TargetError, UsageError
+from xenrun.errors import ApplyError, TargetError, UsageError
 from xenrun.facts import Facts, Probe
 from xenrun.hooks import HostPlugins
 from xenrun.plan import CHANGE, PENDING, Outcome, assess
@@ -199,6 +199,7 @@ class Result:
     run: str | None = None
     results: list[str] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    replanned: bool = False  # the plan of what follows a replan command, made after it ran
 
     def summary(self) -> dict:
         return summary(self.outcomes, self.results)
@@ -238,6 +239,9 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
         interrupted = interrupted_runs(p.target)
         if options.dry:
             plan.notes += [f"an interrupted run ({r}) will be undone first by the next apply" for r in interrupted]
+            if (at := _replan_at(outcomes)) is not None:
+                plan.notes.append(f"once `{' '.join(outcomes[at].change.argv)}` has run, what follows it is planned"
+                                  " again from what it installed (shown here as planned without it)")
             return Result(p.host.name, str(p.target), outcomes, "planned", notes=plan.notes + ([stop] if stop else []))
         if stop:
             raise TargetError(stop)
@@ -265,6 +269,9 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
                 return result
             if plan.rollback_of:
                 applier = Applier(p.target, p.host.name, log, kind=kind, rollback_of=plan.rollback_of)
+            at = None if plan.takes_back else _replan_at(outcomes)
+            if at is not None:
+                return _apply_replanning(p, make, options, confirm, kind, result, at, owed)
             done = applier.apply(outcomes)
             if not plan.takes_back:  # a rollback's finish drops what its run left instead
                 remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]), done["run"])
@@ -274,6 +281,56 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
             return result
         finally:
             applier.unlock()
+
+
+def _replan_at(outcomes: list[Outcome]) -> int | None:
+    """Where the plan stops to be made again: the first command to run that asks
+    for it (a package install), unless nothing follows it."""
+    at = next((i for i, o in enumerate(outcomes) if o.action == CHANGE and isinstance(o.change, RunCommand)
+               and o.change.replan), None)
+    return at if at is not None and at + 1 < len(outcomes) else None
+
+
+def _apply_replanning(p: Prepared, make, options: Options, confirm, kind: str, result: Result, at: int,
+                      owed: frozenset) -> Result:
+    """Under the lock: apply the plan up to and including the replan command at
+    ``at``, as a run of its own, then gather the facts again, plan again and apply
+    the rest as a second run (asked again without --yes). A failure of the second
+    run puts its own files back; the first (the install) stays committed, and the
+    next setup goes on from there."""
+    head = result.outcomes[:at + 1]
+    first = Applier(p.target, p.host.name, log, kind=kind).apply(head)
+    command = " ".join(head[-1].change.argv)
+    read_ahead(p, make)
+    plan = _planned(p, make)
+    outcomes = assess(plan.changes, p.target, owed)
+    if stop := blocked(outcomes, p.target):
+        raise TargetError(f"{stop} (run {first['run']}, `{command}`, was applied and is kept)")
+    # the plan made again repeats what came before the command (done now)
+    same = next((i for i, o in enumerate(outcomes) if isinstance(o.change, RunCommand)
+                 and o.change.argv == head[-1].change.argv), -1)
+    shown = [o for o in outcomes[:same + 1] if o.action == CHANGE] + outcomes[same + 1:]
+    rest = Result(p.host.name, str(p.target), shown, "planned", replanned=True,
+                  notes=[f"`{command}` ran (run {first['run']}): what follows was planned again from what it"
+                         " installed"] + plan.notes)
+    combined = Result(p.host.name, str(p.target), head + shown, "applied", first["run"], first["results"]
+                      + [o.action for o in shown], notes=result.notes + [n for n in rest.notes if n not in result.notes])
+    if not _to_do(plan, outcomes, owed):
+        remember_owed(p.target, owed, still_owed(outcomes, owed))
+        return combined
+    if not options.yes and not confirm(rest):
+        combined.notes.append("the rest of the plan was not applied: run setup again to see it")
+        return combined
+    try:
+        done = Applier(p.target, p.host.name, log, kind=kind).apply(outcomes)
+    except ApplyError as e:
+        raise ApplyError(f"{e}; run {first['run']} (`{command}`) before it is kept: the next setup goes on"
+                         " from there") from e
+    remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]), done["run"])
+    index = {id(o): i for i, o in enumerate(outcomes)}
+    combined.run = done["run"]
+    combined.results = first["results"] + [done["results"][index[id(o)]] for o in shown]
+    return combined
 
 
 def _planned(p: Prepared, make) -> Plan:

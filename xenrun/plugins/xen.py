@@ -4,7 +4,7 @@ Always selected.
 S6 install Xen (apt on Debian; on Arch the AUR package through yay or paru run as
 ``aur_user``), S12 enable the Xen services (and start them once Xen runs; on Arch
 also xen-init-dom0 and xen-qemu-dom0-disk-backend where the package ships them), S13 the
-xenfs line in /etc/fstab, S27 remove a stale xend udev rule, S14 the dom0 options
+xenfs line in /etc/fstab (unless the package mounts xenfs itself, only under Xen), S27 remove a stale xend udev rule, S14 the dom0 options
 handed to the boot plugin. Warns for S1 (no vmx/svm) and S4 (VirtualBox)."""
 
 from __future__ import annotations
@@ -47,7 +47,21 @@ def detect_hardware(probe):
                 units[name] = {"path": f"{folder}/{name}", "wanted_by": wanted}
     # the version the package installed, from the names it leaves (no xl needed)
     names = probe.listdir("/boot") + [n for n in probe.listdir("/usr/lib") if n.startswith("xen-")]
-    return {"xen_units": units, "xen_version": xen_version(names)}
+    return {"xen_units": units, "xen_version": xen_version(names), "xenfs_mounted_by": _xenfs_mounter(probe)}
+
+
+def _xenfs_mounter(probe) -> str | None:
+    """The package file that mounts xenfs on /proc/xen only under Xen, if any:
+    upstream's proc-xen.mount (ConditionPathExists=/proc/xen), or Debian's xen init
+    script (it exits at once when not under Xen, else mounts xenfs itself)."""
+    for folder in UNIT_DIRS[1:]:
+        text = probe.text(f"{folder}/proc-xen.mount") or ""
+        if re.search(r"^\s*ConditionPathExists=/proc/xen/?\s*$", text, re.M):
+            return f"{folder}/proc-xen.mount"
+    script = probe.text("/etc/init.d/xen") or ""
+    if "mount -t xenfs" in script and "/sys/hypervisor/type" in script:
+        return "/etc/init.d/xen"
+    return None
 
 
 _VERSION = re.compile(r"^xen-(\d+\.\d+(?:\.\d+)?)(?:[-.].*)?$")
@@ -93,11 +107,10 @@ def configure_host(facts, host):
         warn(f"{other} is installed: running it beside Xen can freeze the machine (S4)")
     changes = []
     if profile.xen_package not in facts.packages:
-        changes.append(_install(facts, s, profile, host))
+        changes += _install(facts, s, profile, host)
     if s["services"]:
         changes += _services(facts, profile)
-    changes.append(EnsureLine("/etc/fstab", XENFS_LINE, replace=r"^\s*\S+\s+/proc/xen\s",
-                              step="S13", why="mount xenfs on /proc/xen"))
+    changes += _xenfs(facts)
     if s["dom0_mem"]:
         # with dom0's memory fixed on Xen's line, xl must not balloon dom0 down to
         # make room for guests (xl.conf's autoballoon="auto" means exactly that)
@@ -106,6 +119,18 @@ def configure_host(facts, host):
     changes.append(RemoveFile("/etc/udev/rules.d/xend.rules", step="S27",
                               why="xend is gone; its udev rule makes errors"))
     return changes
+
+
+def _xenfs(facts) -> list:
+    """S13. Where the package mounts xenfs itself, and only under Xen, no fstab
+    line: under the kept plain-Linux entry (S10) there is no /proc/xen, and a line
+    would leave a failed mount unit there, nofail or not."""
+    mounter = facts.get("xenfs_mounted_by")
+    if not mounter:
+        return [EnsureLine("/etc/fstab", XENFS_LINE, replace=r"^\s*\S+\s+/proc/xen\s",
+                           step="S13", why="mount xenfs on /proc/xen")]
+    note(f"S13: {mounter} (from the Xen package) mounts xenfs on /proc/xen, only under Xen: no /etc/fstab line")
+    return []
 
 
 X86_VENDORS = ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls", "  Shanghai  ")
@@ -123,7 +148,11 @@ def _refuse_other_machines(facts, host) -> None:
                         f" {facts.get('cpu_model') or 'no x86 model name'}): the article's Xen dom0 is x86 only")
 
 
-def _install(facts, s, profile, host) -> RunCommand:
+def _install(facts, s, profile, host) -> list[RunCommand]:
+    """The package lists fetched, then the package installed. The install brings
+    files the later steps edit (/etc/xen/xl.conf, Debian's grub.d/xen.cfg, the unit
+    files): ``replan`` has the rest of the plan made again once it has run, so those
+    steps edit the package's files instead of writing them from nothing."""
     if not s["install"]:
         raise PlanError(f"{host.name}: Xen ({profile.xen_package}) is not installed and [plugin.xen] install = false")
     argv = profile.install_argv + (profile.xen_package,)
@@ -137,7 +166,10 @@ def _install(facts, s, profile, host) -> RunCommand:
             raise host.setting_error("xen", "aur_user", f"needed on {host.name}: {helper} builds AUR packages"
                                      " as a normal user, never as root (S6)")
         argv = ("runuser", "-u", s["aur_user"], "--", helper) + argv
-    return RunCommand(argv, creates=profile.xl, step="S6", why=f"install Xen ({profile.xen_package})")
+    refresh = [RunCommand(profile.refresh_argv, creates=profile.xl, step="S6",
+                          why="fetch the package lists before installing Xen")] if profile.refresh_argv else []
+    return refresh + [RunCommand(argv, creates=profile.xl, replan=True, step="S6",
+                                 why=f"install Xen ({profile.xen_package})")]
 
 
 def _services(facts, profile) -> list:
@@ -146,7 +178,8 @@ def _services(facts, profile) -> list:
     missing = [u for u in profile.xen_services_if_shipped if u not in facts.xen_units]
     if missing and profile.xen_package not in facts.packages:
         # facts are read before S6 installs the package: its unit files are not there yet
-        note(f"{' and '.join(missing)}: enabled by the next setup if the {profile.xen_package} package ships them")
+        note(f"{' and '.join(missing)}: enabled once {profile.xen_package} is installed, if it ships them"
+             " (the plan is made again after the install)")
     for unit in profile.xen_services + tuple(shipped):
         known = facts.xen_units.get(unit)
         if known and known["wanted_by"]:

@@ -159,8 +159,9 @@ class Target(ABC):
 
     # -- commands and the lock ---------------------------------------------------
     @abstractmethod
-    def cannot_run(self, argv: tuple[str, ...]) -> str | None:
-        """Why ``argv`` cannot run on this target, or None when it can."""
+    def cannot_run(self, argv: tuple[str, ...], written: bool = False) -> str | None:
+        """Why ``argv`` cannot run on this target, or None when it can.
+        ``written``: the plan writes the program (an executable file) before it runs."""
 
     @abstractmethod
     def find_program(self, program: str) -> str | None: ...

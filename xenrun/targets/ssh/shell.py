@@ -123,16 +123,17 @@ class Shell:
         return None
 
     # -- commands ----------------------------------------------------------------
-    def cannot_run(self, argv: tuple[str, ...]) -> str | None:
+    def cannot_run(self, argv: tuple[str, ...], written: bool = False) -> str | None:
         """Why ``argv`` cannot run on this target, or None when it can. With
-        --files-only nothing runs, on any target: not a command, not a guard."""
+        --files-only nothing runs, on any target: not a command, not a guard.
+        ``written``: the plan writes the program before it runs (not looked for)."""
         if self.files_only:
             return "--files-only: commands are left for the host"
         if self.is_host:
             return None
         if self.user not in (None, "root"):
             return f"running commands inside {self.root} needs chroot, which needs root on the host"
-        if self.find_program(argv[0]) is None:
+        if not written and self.find_program(argv[0]) is None:
             return f"{argv[0]} is not installed in {self.root} (commands run there with chroot)"
         return None
 
