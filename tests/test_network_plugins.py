@@ -174,6 +174,14 @@ def test_stack_detection_on_machine_roots(tmp_path):
     assert nm["network_stack"] == "NetworkManager"
 
 
+def test_without_a_default_route_the_stack_of_the_physical_ports_is_found():
+    interfaces = [{"name": "eth0", "bridge": False}, {"name": "vif1.0", "bridge": False},
+                  {"name": "virbr0", "bridge": True}]
+    assert core_facts._stack_candidates(interfaces, None, None) == ["eth0"]
+    assert core_facts._stack_candidates(interfaces, "eth0", "xenbr0") == ["eth0", "xenbr0"]
+    assert core_facts._stack_candidates(interfaces, None, "eth0") == ["eth0"]
+
+
 def test_interfaces_parser_and_comment_out():
     text = "auto lo eth0\niface eth0 inet static\n    address 1.2.3.4/24\n\\\n# c\niface eth1 inet dhcp\n"
     parsed = netconf.parse_interfaces(text)

@@ -1,32 +1,42 @@
 """The e2e machine's disk: Debian 12 built once from Debian's packages, then cached.
 
 ``ensure(progress)`` returns a ready :class:`Image` (a raw disk image with one
-ext4 partition, GRUB in its MBR, and the SSH key that logs in as root), building
-it when the cache has none for the current recipe. The cache folder is
+ext4 partition, GRUB in its MBR, the SSH key that logs in as root, and
+``repo/``: an apt repository of Debian's own packages for installing Xen),
+building it when the cache has none for the current recipe. The cache folder is
 $XENRUN_CACHE/e2e (CI keeps it between runs on the same machine) or
 <repo>/.cache/e2e (git-ignored); each image lives in ``base-<stamp>/`` where the
 stamp hashes this file, so any change to the recipe builds a new one (older ones
-are removed). debootstrap keeps its downloaded packages in ``debs/`` beside it.
+are removed). Downloaded packages are kept in ``debs/`` beside it.
 
 How it is built (root needed; no device-mapper on these machines, and loop
 devices here do not show partitions, so nothing relies on either):
 
-1. ``debootstrap --variant=minbase --include=...`` bookworm into a folder: the
-   kernel, grub-pc, systemd, OpenSSH, ifupdown with dhclient, LVM and Xen.
-   The machine has no route to Debian's mirror once it runs (QEMU user
-   networking with restrict=on), so Xen (xen-system-amd64) is preinstalled here,
-   and xenrun's install step (S6) finds it installed.
-2. The folder is configured: hostname, fstab by a fixed UUID, root's
+1. ``debootstrap --variant=minbase --include=...`` bookworm into a folder: a
+   stock Debian machine (the kernel, grub-pc, systemd, OpenSSH, ifupdown with
+   dhclient, LVM) with no Xen: xenrun's install step (S6) installs it.
+2. apt repository: the machine reaches no mirror once it runs (QEMU user
+   networking with restrict=on), so the packages that installing
+   xen-system-amd64 on that tree needs are gathered here from Debian's mirror.
+   The build machine's apt-get resolves them against the tree's dpkg status
+   (its own lists, configuration and cache in a temporary folder; the tree is
+   only read) and downloads them; the ones the tree has not installed at that
+   version go to ``repo/``, a flat repository (``apt-ftparchive`` Packages,
+   Packages.gz, Release). The test serves it on 127.0.0.1 (tests/e2e/aptrepo.py)
+   and QEMU forwards the guest's connections to 10.0.2.100:80 to it
+   (tests/e2e/relay.py); the machine's /etc/apt/sources.list names only it,
+   and the image has no apt lists: its first ``apt-get update`` fetches them.
+3. The folder is configured: hostname, fstab by a fixed UUID, root's
    authorized_keys, a serial console (GRUB, Linux ttyS0; dom0 hvc0 under Xen),
-   ``net.ifnames=0`` so the NIC is eth0, and /etc/network/interfaces as Debian's
-   installer writes it (eth0 on DHCP with ifupdown: what xenrun's bridge takes over).
-3. A sparse raw disk gets an MBR partition table (sfdisk); the partition is
+   ``net.ifnames=0`` so the NIC is eth0, /etc/network/interfaces as Debian's
+   installer writes it (eth0 on DHCP with ifupdown: what xenrun's bridge takes
+   over), and sources.list for the repository above.
+4. A sparse raw disk gets an MBR partition table (sfdisk); the partition is
    reached through a loop device with an offset, formatted with the tree
    inside (``mkfs.ext4 -d``) and mounted; ``update-grub`` runs in a chroot
-   whose /dev is a private tmpfs holding only what grub-probe needs. Xen's
-   grub.d script is off while it runs, so the machine first boots plain Linux,
-   as a Debian machine that has Xen's packages but was never set up for it.
-4. GRUB's core image (grub-mkimage: biosdisk, part_msdos, ext2, prefix
+   whose /dev is a private tmpfs holding only what grub-probe needs. The
+   machine boots plain Linux (it has no Xen).
+5. GRUB's core image (grub-mkimage: biosdisk, part_msdos, ext2, prefix
    (hd0,msdos1)/boot/grub) goes right after the MBR and boot.img into the MBR's
    code area, which is what grub-install does for such a disk.
 """
@@ -55,8 +65,18 @@ PART_START = 1 << 20  # sector 2048
 PACKAGES = (
     "systemd-sysv", "udev", "kmod", "linux-image-amd64", "initramfs-tools", "grub-pc",
     "openssh-server", "ifupdown", "isc-dhcp-client", "iproute2", "iputils-ping", "bridge-utils",
-    "lvm2", "xen-system-amd64", "procps", "util-linux", "e2fsprogs", "less",
+    "lvm2", "procps", "util-linux", "e2fsprogs", "less",
+    "dbus",  # as on any installed Debian (systemd recommends it): networkctl talks to networkd over it
 )
+XEN_PACKAGE = "xen-system-amd64"  # installed by xenrun (S6) from the repository below
+# the repository's address as the machine sees it: QEMU relays its connections to
+# REPO_ADDRESS:80 to the test's server on 127.0.0.1 (tests/e2e/aptrepo.py)
+REPO_ADDRESS = "10.0.2.100"
+SOURCES_LIST = f"""# The e2e test's repository of Debian's own packages (bookworm main, the ones
+# installing {XEN_PACKAGE} needs), served by the test on its 127.0.0.1 and
+# forwarded by QEMU to {REPO_ADDRESS}:80; the machine reaches no other mirror.
+deb [trusted=yes] http://{REPO_ADDRESS}/ ./
+"""
 # what Debian's installer writes for a machine with one NIC on DHCP
 INTERFACES = """# This file describes the network interfaces available on your system
 # and how to activate them. For more information, see interfaces(5).
@@ -105,12 +125,17 @@ class Image:
         return json.loads((self.folder / "info.json").read_text())
 
     @property
+    def repo(self) -> Path:
+        """The flat apt repository the machine installs Xen from."""
+        return self.folder / "repo"
+
+    @property
     def build_log(self) -> Path:
         return self.folder / "build.log"
 
 
-TOOLS = ("debootstrap", "sfdisk", "mkfs.ext4", "losetup", "mount", "umount", "chroot", "qemu-img",
-         "qemu-system-x86_64", "grub-mkimage", "ssh-keygen", "ssh")
+TOOLS = ("debootstrap", "apt-get", "apt-ftparchive", "dpkg-deb", "sfdisk", "mkfs.ext4", "losetup", "mount",
+         "umount", "chroot", "qemu-img", "qemu-system-x86_64", "grub-mkimage", "ssh-keygen", "ssh")
 
 
 def missing() -> str | None:
@@ -119,8 +144,8 @@ def missing() -> str | None:
         return "building the e2e image needs root (debootstrap, loop devices, mount)"
     absent = [t for t in TOOLS if shutil.which(t) is None]
     if absent:
-        return (f"missing: {', '.join(absent)} (apt-get install debootstrap fdisk e2fsprogs qemu-system-x86"
-                " qemu-utils grub-common openssh-client)")
+        return (f"missing: {', '.join(absent)} (apt-get install debootstrap apt-utils fdisk e2fsprogs"
+                " qemu-system-x86 qemu-utils grub-common openssh-client)")
     return None
 
 
@@ -164,16 +189,24 @@ class Builder:
                                f" see {self.image.build_log}:\n{_tail(self.image.build_log)}")
         return proc
 
-    def output(self, argv: list[str]) -> str:
+    def output(self, argv: list[str], **kw) -> str:
         self.log.write(f"$ {' '.join(map(str, argv))}\n")
-        return subprocess.run(list(map(str, argv)), capture_output=True, text=True, check=True).stdout
+        self.log.flush()
+        proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              check=False, **kw)
+        if proc.returncode != 0:
+            self.log.write(proc.stdout + proc.stderr)
+            raise RuntimeError(f"image build: {' '.join(map(str, argv))} failed (exit {proc.returncode}):"
+                               f" {proc.stderr.strip()[-2000:]}")
+        return proc.stdout
 
-    def stage(self, name: str, fn) -> None:
+    def stage(self, name: str, fn):
         self.progress(f"image: {name} ...")
         t = time.monotonic()
-        fn()
+        result = fn()
         self.times[name] = round(time.monotonic() - t, 1)
         self.progress(f"image: {name} done in {self.times[name]:.0f} s")
+        return result
 
 
 def build(image: Image, progress: Progress) -> None:
@@ -184,6 +217,7 @@ def build(image: Image, progress: Progress) -> None:
     loop = None
     try:
         b.stage("debootstrap", lambda: _debootstrap(b))
+        repo = b.stage("apt repository", lambda: _apt_repository(b))
         b.stage("configure", lambda: _configure(b))
         disk = image.folder / "base.partial"
         with open(disk, "wb") as f:
@@ -206,12 +240,14 @@ def build(image: Image, progress: Progress) -> None:
         loop = None
         b.stage("grub core", lambda: _grub_core(b, disk))
         disk.rename(image.disk)
-        info = {"recipe": stamp(), "suite": SUITE, "kernel": _kernel_abi(b.tree), "xen": _xen_version(b.tree),
+        info = {"recipe": stamp(), "suite": SUITE, "kernel": _kernel_abi(b.tree), "xen": repo["xen"],
                 "stages": b.times, "build_seconds": round(sum(b.times.values()), 1),
-                "packages": list(PACKAGES), "hostname": HOSTNAME, "fs_uuid": FS_UUID}
+                "packages": list(PACKAGES), "xen_package": XEN_PACKAGE, "repo": repo["repo"],
+                "hostname": HOSTNAME, "fs_uuid": FS_UUID}
         shutil.rmtree(b.work)
         (image.folder / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        progress(f"image: ready {image.disk} (kernel {info['kernel']}, Xen {info['xen']}), {info['build_seconds']:.0f} s")
+        progress(f"image: ready {image.disk} (kernel {info['kernel']}; no Xen: its repository {image.repo} has"
+                 f" {info['repo']['packages']} packages, Xen {info['xen']}), {info['build_seconds']:.0f} s")
     except BaseException:
         if loop:
             subprocess.run(["umount", str(b.mnt)], check=False, capture_output=True)
@@ -239,8 +275,7 @@ def _debootstrap(b: Builder) -> None:
             shutil.rmtree(old, ignore_errors=True)
         debs = cache_root() / "debs"  # debootstrap's package cache
         debs.mkdir(parents=True, exist_ok=True)
-        b.progress(f"image: debootstrap {SUITE} with Xen preinstalled (the machine has no network to"
-                   f" Debian's mirror once it runs); log: {b.image.build_log}")
+        b.progress(f"image: debootstrap {SUITE}, a stock machine without Xen; log: {b.image.build_log}")
         b.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", f"--cache-dir={debs}",
                SUITE, kept / "tree", MIRROR])
         (kept / ".done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -248,6 +283,81 @@ def _debootstrap(b: Builder) -> None:
         b.progress(f"image: debootstrap's tree is kept in {kept}")
     b.work.mkdir(parents=True, exist_ok=True)
     b.run(["cp", "-a", kept / "tree", b.tree])
+
+
+def _dpkg_status(tree: Path) -> dict[str, str]:
+    """Package -> Version of what the tree has installed (its var/lib/dpkg/status)."""
+    installed = {}
+    for para in (tree / "var/lib/dpkg/status").read_text().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in para.splitlines() if ": " in line and not line[0].isspace())
+        if fields.get("Status", "").endswith(" installed"):
+            installed[fields["Package"]] = fields["Version"]
+    return installed
+
+
+def _apt_repository(b: Builder) -> dict:
+    """The packages installing XEN_PACKAGE on the tree needs, from Debian's mirror,
+    as a flat repository in ``repo/``. This machine's apt-get works on the tree's
+    dpkg status, everything else its own (APT_CONFIG replaces this machine's
+    configuration: its lists, cache and sources in work/apt, the packages kept in
+    cache_root()/debs beside debootstrap's), so the tree is only read.
+    Recommends are left out: the repository holds what debootstrap put in
+    earlier images, which had Xen preinstalled; apt on the machine skips a
+    recommended package its sources do not have. Returns info.json's parts."""
+    apt = b.work / "apt"
+    debs = cache_root() / "debs"
+    (debs / "partial").mkdir(parents=True, exist_ok=True)
+    for sub in ("apt.conf.d", "sources.list.d", "preferences.d", "trusted.gpg.d", "lists/partial", "cache",
+                "log"):
+        (apt / sub).mkdir(parents=True, exist_ok=True)
+    keyring = b.tree / "usr/share/keyrings/debian-archive-keyring.gpg"
+    (apt / "sources.list").write_text(f"deb [signed-by={keyring}] {MIRROR} {SUITE} main\n")
+    conf = {
+        "Dir::Etc::Parts": apt / "apt.conf.d", "Dir::Etc::Main": apt / "apt.conf",
+        "Dir::Etc::SourceList": apt / "sources.list", "Dir::Etc::SourceParts": apt / "sources.list.d",
+        "Dir::Etc::Preferences": apt / "preferences", "Dir::Etc::PreferencesParts": apt / "preferences.d",
+        "Dir::Etc::Trusted": apt / "trusted.gpg", "Dir::Etc::TrustedParts": apt / "trusted.gpg.d",
+        "Dir::State": apt, "Dir::State::Lists": apt / "lists", "Dir::State::extended_states": apt / "extended_states",
+        "Dir::State::status": b.tree / "var/lib/dpkg/status",
+        "Dir::Cache": apt / "cache", "Dir::Cache::Archives": debs, "Dir::Log": apt / "log",
+        "APT::Architecture": "amd64", "APT::Architectures": "amd64", "APT::Install-Recommends": "false",
+        "APT::Sandbox::User": "root", "Acquire::Languages": "none",
+    }
+    (apt / "apt.conf").write_text("".join(f'{k} "{v}";\n' for k, v in conf.items()))
+    env = {**os.environ, "APT_CONFIG": str(apt / "apt.conf"), "DEBIAN_FRONTEND": "noninteractive"}
+    b.run(["apt-get", "-q", "update"], env=env)
+    plan = b.output(["apt-get", "-s", "install", XEN_PACKAGE], env=env)
+    b.log.write(plan)
+    b.run(["apt-get", "-q", "-y", "--download-only", "install", XEN_PACKAGE], env=env)
+    wanted = re.findall(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) .*\[(\S+)\]\)$", plan, re.MULTILINE)
+    if not any(name.split(":")[0] == XEN_PACKAGE for name, _, _ in wanted):
+        raise RuntimeError(f"image build: apt-get plans no {XEN_PACKAGE}:\n{plan[-3000:]}")
+    installed = _dpkg_status(b.tree)
+    repo = b.image.repo
+    repo.mkdir()
+    xen = "?"
+    for name, version, arch in wanted:
+        name = name.split(":")[0]
+        deb = debs / f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
+        fields = b.output(["dpkg-deb", "--show", "--showformat", "${Package} ${Version}", deb]).split()
+        if fields != [name, version]:
+            raise RuntimeError(f"image build: {deb} is {' '.join(fields)}, apt-get planned {name} {version}")
+        if installed.get(name) == version:
+            continue  # the machine has it already
+        shutil.copy2(deb, repo / deb.name)
+        if re.fullmatch(r"xen-hypervisor-\d[\d.]*-amd64", name):
+            xen = version  # the Xen version, as dpkg-query shows it on the machine once installed
+    b.run(["sh", "-c", "apt-ftparchive packages . > Packages && gzip -9nk Packages"], cwd=repo)
+    release = b.output(["apt-ftparchive", "-o", "APT::FTPArchive::Release::Origin=xenrun-e2e",
+                        "-o", "APT::FTPArchive::Release::Label=Debian packages for the e2e machine",
+                        "release", "."], cwd=repo)
+    (repo / "Release").write_text(release)
+    count = len(list(repo.glob("*.deb")))
+    size = sum(f.stat().st_size for f in repo.iterdir())
+    b.progress(f"image: repository {repo}: {count} packages ({size / 2**20:.1f} MiB) for {XEN_PACKAGE},"
+               f" Xen {xen}")
+    return {"xen": xen, "repo": {"packages": count, "bytes": size, "address": REPO_ADDRESS,
+                                 "folder": repo.name}}
 
 
 def _write(tree: Path, path: str, text: str, mode: int = 0o644) -> None:
@@ -294,6 +404,12 @@ def _configure(b: Builder) -> None:
     }))
     # the uplink: ifupdown with DHCP on eth0, as Debian's installer leaves it (xenrun's bridge takes it over)
     _write(t, "/etc/network/interfaces", INTERFACES)
+    # apt: the test's repository only; no lists yet (the machine's first apt-get update fetches them)
+    _write(t, "/etc/apt/sources.list", SOURCES_LIST)
+    # (debootstrap leaves the mirror's lists it used; only this copy loses them, the kept tree is untouched)
+    for f in (t / "var/lib/apt/lists").rglob("*"):
+        if f.is_file() and f.name != "lock":
+            f.unlink()
     with ChrootMounts(b, t):
         # nothing in the machine may try to reach a network it does not have
         for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer"):
@@ -340,12 +456,7 @@ class ChrootMounts:
 def _grub_config(b: Builder, loop: str) -> None:
     m = b.mnt
     with ChrootMounts(b, m, loop):
-        xen_script = m / "etc/grub.d/20_linux_xen"
-        xen_script.chmod(0o644)  # the first boot is plain Linux: no Xen entries yet
-        try:
-            b.run(["chroot", m, "update-grub"])
-        finally:
-            xen_script.chmod(0o755)
+        b.run(["chroot", m, "update-grub"])  # no Xen on the machine: Linux entries only
     # grub-probe finds no UUID through the renamed loop device, so this first
     # grub.cfg says root=/dev/vda1: right in the VM (the first virtio disk);
     # update-grub on the machine itself writes root=UUID=... later
@@ -389,8 +500,3 @@ def _grub_core(b: Builder, disk: Path) -> None:
 def _kernel_abi(tree: Path) -> str:
     names = sorted(p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*"))
     return names[-1] if names else "?"
-
-
-def _xen_version(tree: Path) -> str:
-    names = sorted(p.name for p in (tree / "boot").glob("xen-*.gz"))
-    return names[-1].removeprefix("xen-").removesuffix(".gz") if names else "?"

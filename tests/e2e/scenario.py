@@ -4,28 +4,39 @@ Run by tests/test_e2e.py and by ``invoke e2e`` (``python -m e2e``), printing one
 timestamped line per step; everything else (each xenrun command's output, the
 serial console) goes to files in the work folder, named in the log.
 
-1. image: the cached Debian 12 disk (tests/e2e/image.py), built when missing.
-2. boot 1: plain Linux (no Xen yet), SSH on a port of 127.0.0.1.
-3. a failure in the middle: /usr/local/sbin/grub-reboot made to fail, so
-   ``xenrun setup`` fails after it rewrote /etc/fstab, the GRUB files and
-   grub.cfg; it exits 1 and every file is put back byte for byte (hashed over
-   SSH before and after); boot 2 still boots the old Linux entry.
-4. ``xenrun setup --yes``: facts, Xen found installed (S6: preinstalled, the
-   machine reaches no mirror), services (S12), xenfs (S13), the Xen command line
-   (S7, S14), GRUB with Xen booted once (S10), the ifupdown bridge xenbr0 over eth0
-   switched live under the SSH session (S11).
-5. boot 3 (Xen, once): ``xl list`` shows Domain-0 (S15), Xen's command line has
+1. image: the cached Debian 12 disk (tests/e2e/image.py), built when missing: a
+   stock Debian (ifupdown, eth0 on DHCP) with no Xen; its apt source is the
+   test's repository of Debian's own packages (tests/e2e/aptrepo.py on
+   127.0.0.1, reached as http://10.0.2.100/ through QEMU's guestfwd).
+2. boot 1: plain Linux, SSH on a port of 127.0.0.1; no Xen installed.
+3. ``xenrun setup --dry``: S6 plans apt-get update and the install, and says what
+   follows is planned again once it has run; nothing is installed.
+4. a failure in the middle: /usr/local/sbin/grub-reboot made to fail. S6 installs
+   Xen for real with apt (a run of its own, kept); the rest is planned again from
+   the package's files and fails after it rewrote the GRUB files and grub.cfg; it
+   exits 1 and every file is put back (hashed over SSH: only the package's files
+   and its update-grub's grub.cfg differ, its conffiles as it left them); boot 2
+   still boots the old Linux entry (the package's update-grub did not make Xen
+   GRUB's default).
+5. ``xenrun setup --yes``: the install is kept (S6 nothing to do); services
+   (S12), xenfs (S13: Debian's init script mounts it, no fstab line), the Xen
+   command line (S7, S14), GRUB with Xen booted once (S10), the ifupdown bridge
+   xenbr0 over eth0 switched live under the SSH session (S11).
+6. boot 3 (Xen, once): ``xl list`` shows Domain-0 (S15), Xen's command line has
    dom0_mem, eth0 is a port of xenbr0 which has the address, /proc/xen is xenfs,
-   the services are active, and Linux is still GRUB's saved default.
-6. ``xenrun promote --yes``; boot 4 comes up in Xen by default.
-7. guests (S16-S23): a kernel and a reporting busybox initramfs copied to the
+   the services are active, and Linux is still GRUB's saved default. Boot 3b: the
+   kept plain-Linux entry, GRUB's default, reaches multi-user with no unit
+   failed and SSH up (the way back, S10); boot 3c: Xen again (grub-reboot).
+7. ``xenrun promote --yes``; boot 4 comes up in Xen by default; boot 4b: the
+   plain-Linux entry once (grub-reboot), checked as in 3b; boot 4c: Xen again.
+8. guests (S16-S23): a kernel and a reporting busybox initramfs copied to the
    machine, a volume group on its second disk; ``xenrun domain.create`` of a PV
    guest on an image and one on LVM; each guest's console (kept by xenconsoled)
    shows it saw its disk (xvda, the size asked) and its NIC (the MAC of its xl
    config), dom0's vif for it is a port of xenbr0, ``xl list`` shows both;
    ``domain.shutdown`` of one (it powers itself off), ``domain.destroy`` of the
    other, each a second time with nothing to do.
-8. a second ``xenrun setup --yes`` reports nothing to do.
+9. a second ``xenrun setup --yes`` reports nothing to do.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from e2e import aptrepo
 from e2e import image as image_mod
 from e2e.vm import VM, VMError
 
@@ -61,6 +73,12 @@ GUEST_IMAGE, GUEST_LVM = "e2e-img", "e2e-lvm"
 GUESTS = {GUEST_IMAGE: 'backend = "image"\nsize = "256M"',  # a sparse file in /var/lib/xen/images
           GUEST_LVM: 'backend = "lvm"\nvg = "vg0"\nsize = "192M"'}  # /dev/vg0/e2e-lvm on the second disk
 MANAGED_DIRS = ("/etc/network", "/etc/systemd/system", "/usr/local/lib/xenrun", "/etc/udev/rules.d")
+
+
+def _path_of(line: str) -> str:
+    """The path of a managed_state line ("SHA  PATH", "absent PATH" or find's "PATH KIND MODE [TARGET]")."""
+    parts = line.split()
+    return parts[0] if parts[0].startswith("/") else parts[1]
 
 
 class ScenarioError(AssertionError):
@@ -97,6 +115,7 @@ class Scenario:
         self.timings = Timings()
         self.vm: VM | None = None
         self.commands = 0
+        self.network = "ifupdown"  # the network plugin (and the stack in charge of eth0)
 
     # -- output -----------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -133,7 +152,7 @@ class Scenario:
 address = "{self.vm.address}"
 identity = "id_ed25519"
 boot = "grub"
-network = "ifupdown"
+network = "{self.network}"
 
 [plugin.xen]
 dom0_mem = "{DOM0_MEM}"
@@ -142,7 +161,7 @@ options = {json.dumps(XEN_OPTIONS)}   # Xen's console on the serial log
 # The bridge must keep the machine's address: QEMU forwards SSH to 10.0.2.15
 # only. With DHCP it does, since it wears eth0's MAC (see BRIDGE_IP in
 # tests/e2e/scenario.py).
-[plugin.ifupdown]
+[plugin.{self.network}]
 interface = "eth0"
 ip = "{BRIDGE_IP}"
 {'address = "10.0.2.15/24"' if BRIDGE_IP == "static" else ""}
@@ -217,6 +236,34 @@ ip = "{BRIDGE_IP}"
         self.check(not self.sh("cat /proc/cmdline").count("hvc0"), "the kernel's command line is the Linux entry's",
                    self.sh("cat /proc/cmdline"))
 
+    def xen_installed(self) -> bool:
+        status = self.vm.ssh("dpkg-query -W -f='${Status}' xen-system-amd64", check=False).stdout
+        return status.strip() == "install ok installed"
+
+    def check_bridge_live(self) -> None:
+        links = {x["ifname"]: x for x in json.loads(self.sh("ip -j link show"))}
+        self.check(links.get("eth0", {}).get("master") == "xenbr0", "the bridge switch ran live over SSH:"
+                   " eth0 is a port of xenbr0, and the SSH session survived it")
+
+    def check_plain_linux(self, why: str) -> None:
+        """The kept Linux entry with every file of xenrun's in place: multi-user
+        reached, SSH up (we are talking through it), no unit failed."""
+        self.check_linux(why)
+        state = self.vm.ssh("systemctl is-system-running --wait", check=False, timeout=300).stdout.strip()
+        failed = self.vm.ssh("systemctl --failed --no-legend --plain", check=False).stdout.strip()
+        self.say(f"    system state: {state}; failed units: {failed or 'none'}")
+        self.check(state == "running" and not failed, f"{why}: multi-user reached with no unit failed", failed)
+        links = {x["ifname"]: x for x in json.loads(self.sh("ip -j link show"))}
+        self.check(links.get("eth0", {}).get("master") == "xenbr0", f"{why}: eth0 is a port of xenbr0 under plain"
+                   " Linux too (the bridge is ifupdown's, not Xen's)", json.dumps(links.get("eth0")))
+
+    def boot_once(self, xen: bool) -> float:
+        """Boot GRUB's first Xen (or plain Linux) entry once, with grub-reboot, as
+        an administrator does."""
+        entry = next(i for i, title in self.grub_entries() if ("xen" in title.lower()) == xen)
+        self.sh(f"grub-reboot '{entry}'")
+        return self.vm.reboot()
+
     def check_xen(self, why: str) -> None:
         hv = self.hypervisor()
         self.check(hv == "xen", f"{why}: running under Xen (/sys/hypervisor/type: {hv})")
@@ -242,6 +289,10 @@ ip = "{BRIDGE_IP}"
         active = self.vm.ssh("systemctl is-active xen.service xendomains.service", check=False).stdout.split()
         self.check(active == ["active", "active"], "xen.service and xendomains.service are active (S12)",
                    " ".join(active))
+        self.check_stack()
+
+    def check_stack(self) -> None:
+        """The network stack in charge has the bridge up."""
         state = self.sh("ifquery --state")
         self.check("xenbr0=xenbr0" in state.split(), "ifupdown has xenbr0 up (its stanza in interfaces.d)", state)
 
@@ -321,9 +372,12 @@ ip = "{BRIDGE_IP}"
         self.image, built = image_mod.ensure(lambda line: self.say(line))
         self.timings.add("image", "image build" + (" (cached)" if not built else ""), built)
         info = self.image.info
-        self.say(f"image: Debian {image_mod.SUITE}, kernel {info['kernel']}, Xen {info['xen']}; Xen is preinstalled"
-                 " (the machine reaches no package mirror), so xenrun's install step S6 finds it installed")
-        self.vm = VM(self.image.disk, self.image.key, self.workdir / "vm", progress=lambda line: self.say(line))
+        self.repo = aptrepo.serve(self.image.folder / "repo", log=self.workdir / "repo.log")
+        self.say(f"image: Debian {image_mod.SUITE}, kernel {info['kernel']}, no Xen; xenrun installs Xen"
+                 f" {info['xen']} (S6) with apt from the test's repository of Debian's packages, served on"
+                 f" {self.repo.url} and reached by the machine as http://{image_mod.REPO_ADDRESS}/")
+        self.vm = VM(self.image.disk, self.image.key, self.workdir / "vm", progress=lambda line: self.say(line),
+                     guest_forward=(image_mod.REPO_ADDRESS, 80, self.repo.port))
         try:
             self._steps()
         except BaseException as e:
@@ -336,6 +390,7 @@ ip = "{BRIDGE_IP}"
                 self.timed("step", "power off", self.vm.stop)
                 for disk in self.vm.workdir.glob("*.qcow2"):  # the logs stay, the overlays go
                     disk.unlink()
+            self.repo.close()
             self.say(self.timings.table())
             self.logfile.close()
         return self.timings
@@ -346,42 +401,67 @@ ip = "{BRIDGE_IP}"
         self.check_linux("boot 1")
         kernel, addr = self.sh("uname -r"), self.sh("ip -4 -o addr show dev eth0 | awk '{ print $2, $4 }'")
         self.say(f"  machine: Linux {kernel}, {addr}")
+        self.check(not self.xen_installed(), "the machine has no Xen (a stock Debian 12)")
+        self.site = self.write_site()
+        self.say(f"site: {self.site}")
+
+        def dry():
+            report, _, _ = self.xenrun("setup", "--dry", "--format", "json")
+            commands = [" ".join(i["argv"]) for i in report["plan"] if i.get("argv") and i.get("step") == "S6"]
+            self.say("    S6: " + "; ".join(commands))
+            self.check(len(commands) == 2 and commands[0] == "apt-get update"
+                       and commands[1].endswith("install -y xen-system-amd64"),
+                       "--dry plans S6: apt-get update, then apt-get install xen-system-amd64")
+            self.check(any("planned again" in n for n in report["notes"]),
+                       "--dry says the steps after the install are planned again once it has run")
+            self.check(not self.xen_installed(), "--dry installed nothing")
+        self.timed("step", "xenrun setup --dry on the machine without Xen", dry)
+
+        # a failure in the middle: Xen gets installed (a run of its own, kept), the
+        # rest fails and is rolled back over SSH; the old entry still boots
+        def failing_setup():
+            self.sh(f"printf '#!/bin/sh\\necho \"e2e: grub-reboot made to fail\" >&2\\nexit 1\\n' > {FAIL_AT};"
+                    f" chmod 755 {FAIL_AT}")
+            before = self.managed_state()
+            fetched = len(self.repo.fetched())
+            _, out, err = self.xenrun("setup", "--yes", expect=1)
+            self.sh(f"rm -f {FAIL_AT}")
+            after = self.managed_state()
+            last = (err.strip().splitlines() or [""])[-1]
+            self.say(f"    xenrun: {last[:400]}")
+            self.say(f"    apt fetched {len(self.repo.fetched()) - fetched} files from the test's repository"
+                     f" ({self.repo.fetched_bytes() >> 20} MiB in all)")
+            self.check(self.xen_installed(), "S6 installed xen-system-amd64 with apt (from the served repository)")
+            self.check("is kept: the next setup goes on from there" in err,
+                       "xenrun says the install (a run of its own) is kept")
+            self.check("put back" in err, "xenrun says every file the failed run changed was put back")
+            changed = sorted({_path_of(line) for line in set(before.splitlines()) ^ set(after.splitlines())})
+            by_package = [p for p in changed if "xen" in p or p == "/boot/grub/grub.cfg"]
+            self.say(f"    changed by the package (its files, its update-grub): {' '.join(by_package) or 'none'}")
+            self.check(changed == by_package, "every other managed file is back byte for byte"
+                       f" ({len(before.splitlines())} files and links hashed over SSH)",
+                       " ".join(p for p in changed if p not in by_package))
+            modified = self.sh("dpkg-query -W -f='${Conffiles}\\n' 'xen*' | awk 'NF >= 2 && $3 != \"obsolete\"'"
+                               " | while read -r f sum _; do [ -e \"$f\" ] && echo \"$sum  $f\"; done"
+                               " | md5sum -c --quiet 2>&1 || true")
+            self.check(not modified.strip(), "the Xen packages' conffiles are as the packages left them", modified)
+        self.timed("step", "setup with grub-reboot made to fail (installs Xen, rolls back the rest)", failing_setup)
+        self.timed("boot", "boot 2: reboot after the failed run", vm.reboot)
+        self.check_linux("boot 2 (after the rolled-back run; the package's update-grub left GRUB's default alone)")
         # instrumentation, not part of the article: xenconsoled keeps each guest's
         # console in /var/log/xen/console (Debian's init script passes XENCONSOLED_ARGS;
         # xenconsoled does not make the folder, and logs nothing without it)
         self.sh("mkdir -p /var/log/xen/console &&"
                 " echo 'XENCONSOLED_ARGS=\"--log=guest --log-dir=/var/log/xen/console\"' >> /etc/default/xen")
-        self.site = self.write_site()
-        self.say(f"site: {self.site}")
-
-        # a failure in the middle: rolled back over SSH, the old entry still boots
-        def failing_setup():
-            self.sh(f"printf '#!/bin/sh\\necho \"e2e: grub-reboot made to fail\" >&2\\nexit 1\\n' > {FAIL_AT};"
-                    f" chmod 755 {FAIL_AT}")
-            before = self.managed_state()
-            _, out, err = self.xenrun("setup", "--yes", expect=1)
-            self.sh(f"rm -f {FAIL_AT}")
-            after = self.managed_state()
-            last = (err.strip().splitlines() or [""])[-1]
-            self.say(f"    xenrun: {last[:300]}")
-            self.check("put back" in err, "xenrun says every file it changed was put back")
-            self.check(before == after, f"every managed file is back byte for byte ({len(before.splitlines())}"
-                       " files and links hashed over SSH)",
-                       "\n".join(sorted(set(before.splitlines()) ^ set(after.splitlines()))))
-        self.timed("step", "setup with grub-reboot made to fail (rolls back)", failing_setup)
-        self.timed("boot", "boot 2: reboot after the failed run", vm.reboot)
-        self.check_linux("boot 2 (after the rolled-back run)")
 
         # the real setup
         def setup():
             report, _, _ = self.xenrun("setup", "--yes", "--format", "json")
             self.show_report(report)
             self.check(report["report"]["status"] == "applied", "setup applied its plan")
-            if not any(i.get("step") == "S6" for i in report["plan"]):
-                self.say("  note: Xen (xen-system-amd64) is installed already, so the install step S6 is not planned")
-            links = {x["ifname"]: x for x in json.loads(self.sh("ip -j link show"))}
-            self.check(links.get("eth0", {}).get("master") == "xenbr0", "the bridge switch ran live over SSH:"
-                       " eth0 is a port of xenbr0, and the SSH session survived it")
+            self.check(not any(i.get("step") == "S6" and i["result"] != "unchanged" for i in report["plan"]),
+                       "S6 has nothing to do: the failed run's install was kept")
+            self.check_bridge_live()
             env = self.grubenv()
             self.check(bool(env.get("next_entry")), f"Xen is booted once (next_entry={env.get('next_entry')},"
                        f" saved_entry={env.get('saved_entry')})")
@@ -393,6 +473,11 @@ ip = "{BRIDGE_IP}"
         saved = env.get("saved_entry", "")
         self.check("xen" not in (entries.get(saved, saved)).lower(),
                    f"GRUB's saved default is still Linux: {entries.get(saved, saved)!r} (S10)")
+        # the way back (S10): the kept Linux entry, GRUB's default, boots with xenrun's files in place
+        self.timed("boot", "boot 3b: reboot, the kept plain-Linux entry (GRUB's default)", vm.reboot)
+        self.timed("step", "check plain Linux after setup", lambda: self.check_plain_linux("boot 3b"))
+        self.timed("boot", "boot 3c: the Xen entry once more (grub-reboot)", lambda: self.boot_once(True))
+        self.timed("step", "check dom0 after boot 3c", lambda: self.check_xen("boot 3c"))
 
         def promote():
             report, _, _ = self.xenrun("promote", "--yes", "--format", "json")
@@ -404,6 +489,11 @@ ip = "{BRIDGE_IP}"
         self.timed("step", "xenrun promote", promote)
         self.timed("boot", "boot 4: reboot, Xen by default", vm.reboot)
         self.timed("step", "check dom0 after boot 4", lambda: self.check_xen("boot 4"))
+        # the way back after promote: the Linux entry once, by grub-reboot, then Xen by default again
+        self.timed("boot", "boot 4b: the plain-Linux entry once (grub-reboot)", lambda: self.boot_once(False))
+        self.timed("step", "check plain Linux after promote", lambda: self.check_plain_linux("boot 4b"))
+        self.timed("boot", "boot 4c: reboot, Xen by default again", vm.reboot)
+        self.timed("step", "check dom0 after boot 4c", lambda: self.check_xen("boot 4c"))
 
         self.timed("step", "guests: prepare (their kernel and initramfs, a volume group on /dev/vdb)",
                    self.prepare_guests)
@@ -427,10 +517,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None, help="where logs and the VM's overlay go (default: a new folder"
                         " under the e2e cache)")
+    parser.add_argument("--networkd", action="store_true", help="the second scenario: the same machine with"
+                        " systemd-networkd in charge (tests/e2e/networkd.py)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir) if args.workdir else \
         image_mod.cache_root() / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    scenario = Scenario(workdir)
+    if args.networkd:
+        from e2e.networkd import NetworkdScenario
+        scenario = NetworkdScenario(workdir)
+    else:
+        scenario = Scenario(workdir)
     try:
         scenario.run()
     except ScenarioError as e:

@@ -7,7 +7,10 @@ until root can log in; ``reboot`` asks the machine to reboot and waits for a new
 boot id; ``stop`` powers off and always kills QEMU. Use it as a context manager.
 
 The guest reaches nothing outside: ``-netdev user,restrict=on`` gives it DHCP
-(10.0.2.15, gateway 10.0.2.2) and the forwarded port, nothing else.
+(10.0.2.15, gateway 10.0.2.2), the forwarded SSH port and, with
+``guest_forward=("10.0.2.100", 80, PORT)``, its connections to 10.0.2.100:80
+relayed (tests/e2e/relay.py, one process per connection) to the test's
+repository on 127.0.0.1:PORT (tests/e2e/aptrepo.py); nothing else.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 QEMU = "qemu-system-x86_64"
+RELAY = Path(__file__).resolve().with_name("relay.py")
 SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5",
                "-o", "ServerAliveCountMax=3")
@@ -42,8 +47,12 @@ class VMError(RuntimeError):
 
 class VM:
     def __init__(self, base: Path, key: Path, workdir: Path, memory_mb: int = 2048, cpus: int = 2,
-                 extra_disk_gb: int = 4, progress: Callable[[str], None] = print):
+                 extra_disk_gb: int = 4, progress: Callable[[str], None] = print,
+                 guest_forward: tuple[str, int, int] | None = None):
+        """``guest_forward``: (address, port) the guest connects to, and the port on
+        this machine's 127.0.0.1 that QEMU relays those connections to."""
         self.base, self.key, self.workdir = Path(base), Path(key), Path(workdir)
+        self.guest_forward = guest_forward
         self.memory_mb, self.cpus, self.extra_disk_gb = memory_mb, cpus, extra_disk_gb
         self.progress = progress
         self.port = 0
@@ -68,7 +77,8 @@ class VM:
         argv = [QEMU, "-machine", "pc", "-accel", "tcg", "-cpu", "qemu64", "-smp", str(self.cpus),
                 "-m", str(self.memory_mb), "-display", "none", "-monitor", "none", "-vga", "none",
                 "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
-                "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port or free_port()}-:22",
+                "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port or free_port()}-:22"
+                           + self._guestfwd(),
                 "-device", "virtio-net-pci,netdev=n0",
                 # entropy from the machine: without it the guest's CRNG takes minutes to
                 # start under TCG, and sshd waits for it
@@ -85,7 +95,22 @@ class VM:
         self.console.write_bytes(b"")
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.workdir / "qemu.out", "wb"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.progress(f"vm: QEMU pid {self.process.pid}, SSH on 127.0.0.1:{self.port}, console {self.console}")
+        forward = ""
+        if self.guest_forward:
+            address, guest_port, host_port = self.guest_forward
+            forward = f", {address}:{guest_port} relayed to 127.0.0.1:{host_port}"
+        self.progress(f"vm: QEMU pid {self.process.pid}, SSH on 127.0.0.1:{self.port}{forward}, console {self.console}")
+
+    def _guestfwd(self) -> str:
+        """QEMU's guestfwd option: libslirp runs the command (split like a shell
+        line) for each connection, its stdin and stdout the connection."""
+        if self.guest_forward is None:
+            return ""
+        address, guest_port, host_port = self.guest_forward
+        command = shlex.join([sys.executable, str(RELAY), str(int(host_port))])
+        if "," in command or "," in address:  # QEMU's option syntax: a comma ends the value
+            raise ValueError(f"a comma in the relay's command line: {command!r}")
+        return f",guestfwd=tcp:{address}:{int(guest_port)}-cmd:{command}"
 
     def kill(self) -> None:
         p = self.process

@@ -60,7 +60,7 @@ def detect_hardware(probe):
     facts["interfaces"] = [_interface(probe, n) for n in probe.listdir("/sys/class/net") if n != "lo"]
     facts["uplink"] = parse.parse_default_route(text("/proc/net/route"))
     facts["bridge_port"] = _bridge_port(facts["interfaces"], facts["uplink"])
-    facts.update(_network_stack(probe, [n for n in (facts["bridge_port"], facts["uplink"]) if n]))
+    facts.update(_network_stack(probe, _stack_candidates(facts["interfaces"], facts["bridge_port"], facts["uplink"])))
 
     vgs = probe.command(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
                          "-o", "vg_name,vg_size,vg_free"]) if "vgs" in programs else None
@@ -91,6 +91,14 @@ def _interface(probe, name: str) -> dict:
     return {"name": name, "mac": (probe.text(f"{base}/address") or "").strip() or None,
             "bridge": probe.exists(f"{base}/bridge"), "wireless": probe.exists(f"{base}/wireless"),
             "bridge_port_of": _master(probe, base)}
+
+
+def _stack_candidates(interfaces: list[dict], bridge_port: str | None, uplink: str | None) -> list[str]:
+    """The interfaces whose stack is the one in charge: the uplink (and the port
+    behind it); on a machine with no default route (an isolated lab network), its
+    physical ones, in order."""
+    named = [n for n in (bridge_port, uplink) if n]
+    return named or [i["name"] for i in interfaces if not i["bridge"] and not i["name"].startswith(("vif", "tap"))]
 
 
 def _bridge_port(interfaces: list[dict], uplink: str | None) -> str | None:
