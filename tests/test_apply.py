@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import HOSTS, add_busybox, file_map, lab_host, run_xenrun, tree_hash
+from conftest import HOSTS, STATE, add_busybox, file_map, lab_host, run_xenrun, tree_hash
 
 
 @pytest.fixture(autouse=True)
@@ -167,6 +167,43 @@ def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(sit
     crash_points = point - 1
     print(f"crash points exercised: {crash_points} for {len(managed)} managed files")
     assert crash_points >= len(managed) * 2
+
+
+def _owed(root) -> list:
+    pending = root / STATE / "pending"
+    return json.loads(pending.read_text())["commands"] if pending.exists() else []
+
+
+def test_sigkill_at_every_point_of_a_files_only_run_keeps_the_commands_left_for_the_host(site, tmp_path):
+    """The commands a --files-only run leaves for the host (the way back to Linux
+    among them on a real host) are written before the run's commit record, as a
+    change of the run: a kill at any point, the commit included, leaves them as
+    they were before or as the run left them, and the next run converges on both."""
+    import shutil
+    lab_host(site, 'files = 2\ncommand = ["true"]')
+    reference = site.parent / "reference"
+    shutil.copytree(site, reference, symlinks=True)
+    args = ("setup", "--host", "lab", "--yes", "--files-only")
+    assert run_xenrun(*args, "--config", reference / "plugins.toml").returncode == 0
+    new, owed = file_map(reference / "hosts/lab"), _owed(reference / "hosts/lab")
+    assert owed == [["true"]], owed
+    point = 0
+    while True:
+        point += 1
+        work = tmp_path / f"crash-{point}"
+        shutil.copytree(site, work, symlinks=True)
+        root = work / "hosts" / "lab"
+        r = run_xenrun(*args, "--config", work / "plugins.toml", env={"XENRUN_CRASH_AT": str(point)})
+        if r.returncode == 0:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert _owed(root) in ([], owed), f"pending partial after a kill at point {point}"
+        r = run_xenrun(*args, "--config", work / "plugins.toml")
+        assert r.returncode == 0, f"point {point}: {r.stderr}"
+        assert file_map(root) == new, f"did not converge after a kill at point {point}"
+        assert _owed(root) == owed, f"commands left for the host lost after a kill at point {point}"
+        shutil.rmtree(work)
+    assert point > 10
 
 
 def test_two_concurrent_applies_exactly_one_proceeds(site):

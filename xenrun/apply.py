@@ -160,17 +160,25 @@ def still_owed(outcomes: list[Outcome], owed: frozenset, results: list[str] | No
     return frozenset(now)
 
 
+def owed_file(target, owed: frozenset, now: frozenset, run: str | None = None) -> bytes | None:
+    """The pending file's new content for the commands owed ``now`` (each with
+    the run that left it: ``run`` for those new now), None when none are."""
+    if not now:
+        return None
+    before = dict(_pending(target))
+    commands = sorted(now)
+    text = json.dumps({"commands": [list(argv) for argv in commands],
+                       "runs": [before.get(argv) if argv in owed else run for argv in commands]}, indent=1)
+    return text.encode() + b"\n"
+
+
 def remember_owed(target, owed: frozenset, now: frozenset, run: str | None = None) -> None:
-    """Write the commands owed (under the lock), each with the run that left it
-    (``run`` for those new now), or remove the file when none are."""
+    """Write the commands owed (under the lock, outside any run), or remove the
+    file when none are."""
     if now == owed:
         return
-    if now:
-        before = dict(_pending(target))
-        commands = sorted(now)
-        text = json.dumps({"commands": [list(argv) for argv in commands],
-                           "runs": [before.get(argv) if argv in owed else run for argv in commands]}, indent=1)
-        target.write_atomic(PENDING_FILE, text.encode() + b"\n", 0o600)
+    if (data := owed_file(target, owed, now, run)) is not None:
+        target.write_atomic(PENDING_FILE, data, 0o600)
     else:
         target.remove(PENDING_FILE)
 
@@ -226,9 +234,13 @@ class Applier:
         return undone
 
     # -- apply -------------------------------------------------------------------
-    def apply(self, outcomes: list[Outcome]) -> dict:
+    def apply(self, outcomes: list[Outcome], owed_after=None) -> dict:
         """Carry out the "change" outcomes in order. Returns {"run": id, "results":
         [status per outcome]}; on failure undoes this run and raises ApplyError.
+        ``owed_after(results)`` gives (owed before, owed now): the pending file is
+        then written as the run's last change, before its commit record, so a
+        crash never loses the commands the run leaves for the host (an undone run
+        puts the file back with the others).
 
         The changes go in stretches that end with a command (or the plan): first
         the stretch's folders are made and the originals of everything it will
@@ -255,6 +267,9 @@ class Applier:
                         self._apply_one(current[0])
                     for index in batch:
                         results[index] = "changed"
+            if owed_after is not None:
+                current = []
+                self._leave_owed(*owed_after(results))
         except BaseException as e:
             failed = _undo(self.target, self.journal)
             what = ", ".join(_describe(o.change) for o in current[:3]) + (" ..." if len(current) > 3 else "") \
@@ -271,6 +286,20 @@ class Applier:
         self.journal.write(op="commit", time=time.time())
         self.point("commit")
         return {"run": self.journal.run_id, "results": results}
+
+    def _leave_owed(self, owed: frozenset, now: frozenset) -> None:
+        if now == owed:
+            return
+        data = owed_file(self.target, owed, now, self.journal.run_id)
+        self._save([(PENDING_FILE, "follow")])
+        self.journal.secure()
+        self.point("pending on record")
+        if data is not None:
+            self.target.write_atomic(PENDING_FILE, data, 0o600)
+        else:
+            self.target.remove(PENDING_FILE)
+        self.journal.note(op="done", path=PENDING_FILE, sha256=_sha(data))
+        self.point("pending written")
 
     def _prepare(self, stretch: list[Outcome], first: bool) -> None:
         """Before a stretch changes anything: the folders its files need made, and
@@ -528,6 +557,8 @@ def rollback_changes(target) -> tuple[str | None, list]:
             if r.get("op") != "saved":
                 continue
             path, state = r["path"], r["state"]
+            if path == PENDING_FILE:  # xenrun's own: the rollback's finish drops what the run left
+                continue
             if state["kind"] == "sparse" or state.get("image"):
                 # a disk image may hold a guest's data by now: never removed or shrunk by a rollback
                 structlog.get_logger().warning("disk image kept; remove or shrink it by hand if unwanted", path=path)

@@ -272,15 +272,19 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
             at = None if plan.takes_back else _replan_at(outcomes)
             if at is not None:
                 return _apply_replanning(p, make, options, confirm, kind, result, at, owed)
-            done = applier.apply(outcomes)
-            if not plan.takes_back:  # a rollback's finish drops what its run left instead
-                remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]), done["run"])
+            # a rollback's finish drops what its run left instead
+            done = applier.apply(outcomes, None if plan.takes_back else owed_after(outcomes, owed))
             result.status, result.run, result.results = "applied", done["run"], done["results"]
             if finish:
                 finish(result, plan)
             return result
         finally:
             applier.unlock()
+
+
+def owed_after(outcomes: list[Outcome], owed: frozenset):
+    """For Applier.apply: the commands owed before and after, from its results."""
+    return lambda results: (owed, still_owed(outcomes, owed, results))
 
 
 def _replan_at(outcomes: list[Outcome]) -> int | None:
@@ -322,11 +326,10 @@ def _apply_replanning(p: Prepared, make, options: Options, confirm, kind: str, r
         combined.notes.append("the rest of the plan was not applied: run setup again to see it")
         return combined
     try:
-        done = Applier(p.target, p.host.name, log, kind=kind).apply(outcomes)
+        done = Applier(p.target, p.host.name, log, kind=kind).apply(outcomes, owed_after(outcomes, owed))
     except ApplyError as e:
         raise ApplyError(f"{e}; run {first['run']} (`{command}`) before it is kept: the next setup goes on"
                          " from there") from e
-    remember_owed(p.target, owed, still_owed(outcomes, owed, done["results"]), done["run"])
     index = {id(o): i for i, o in enumerate(outcomes)}
     combined.run = done["run"]
     combined.results = first["results"] + [done["results"][index[id(o)]] for o in shown]
