@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from xenrun.changes import RemoveFile, RunCommand, SparseFile, SwitchNetwork, Symlink, WriteFile
-from xenrun.errors import ApplyError, HostLost
+from xenrun.errors import ApplyError, HostLost, TargetError
 from xenrun.netswitch import confirm_argv, plan_folder, run_argv
 from xenrun.plan import CHANGE, PENDING, Outcome, State
 
@@ -43,6 +43,32 @@ RECOVERY_RECORDS = ("saved", "mkdir")  # what _undo reads: durable before what t
 
 def _sha(data: bytes | None) -> str | None:
     return hashlib.sha256(data).hexdigest() if data is not None else None
+
+
+def _left_as(after: State) -> dict:
+    """A "done" record's account of what the run left at a path, so a rollback can
+    tell a hand edit since (new content, a link retargeted or put in a file's place)."""
+    left = {"sha256": _sha(after.data), "kind": after.kind}
+    return {**left, "link": after.link} if after.kind == "link" else left
+
+
+def _edited_since(target, path: str, done: dict) -> str | None:
+    """How ``path`` differs from what the run left there (its "done" record), or None."""
+    now = target.lstat(path)
+    kind = done.get("kind")
+    if kind is None:  # a record of an older xenrun: only the content was noted
+        if done.get("sha256") and now is not None and now.kind == "file":
+            return "was changed" if _sha(target.read(path)) != done["sha256"] else None
+        return None
+    if kind == "file" and now is not None and now.kind == "file":
+        return "was changed" if _sha(target.read(path)) != done.get("sha256") else None
+    if kind == "link" and now is not None and now.kind == "link":
+        return f"was pointed at {now.link}" if now.link != done.get("link") else None
+    if kind in ("file", "link") and now is None:
+        return None  # removed by hand: putting the original back loses nothing of the user's
+    if now is None or (now.kind == kind):
+        return None
+    return f"is now a {'symbolic link' if now.kind == 'link' else now.kind}"
 
 
 class CrashPoints:
@@ -99,13 +125,24 @@ class Journal:
 
     @classmethod
     def read(cls, target, run_id: str) -> "Journal":
-        data = target.read(f"{STATE_DIR}/runs/{run_id}/journal") or b""
+        path = f"{STATE_DIR}/runs/{run_id}/journal"
+        info = target.lstat(f"{STATE_DIR}/runs/{run_id}")
+        if info is not None and info.kind != "dir":
+            raise _damaged(target, f"{STATE_DIR}/runs/{run_id}", f"is a {info.kind}, not a run's folder")
+        data = target.read(path) or b""
         records = []
-        for line in data.decode(errors="replace").splitlines():
+        lines = data.decode(errors="replace").splitlines()
+        for number, line in enumerate(lines, 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line: the run died writing it
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                if number == len(lines):
+                    break  # a torn last line: the run died writing it
+                raise _damaged(target, f"{path}:{number}", "is not a JSON record") from None
+            problem = _record_problem(record)
+            if problem:
+                raise _damaged(target, f"{path}:{number}", problem)
+            records.append(record)
         return cls(target, run_id, records)
 
     @property
@@ -119,6 +156,43 @@ class Journal:
 
 
 PENDING_FILE = f"{STATE_DIR}/pending"  # commands --files-only runs left for the host
+_STATE_KINDS = {"absent": (), "link": ("target",), "sparse": ("size",), "file": ("copy", "mode", "uid", "gid")}
+
+
+def _record_problem(record) -> str | None:
+    """What is wrong with a journal record's shape (what _undo and rollback read), or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("op"), str):
+        return "is not a record with an op"
+    if record["op"] in ("saved", "mkdir", "done") and not (isinstance(record.get("path"), str)
+                                                          and record["path"].startswith("/")):
+        return f"has a {record['op']} record without an absolute path"
+    if record["op"] == "saved":
+        state = record.get("state")
+        if not isinstance(state, dict) or state.get("kind") not in _STATE_KINDS:
+            return "has a saved record whose state is not one xenrun writes"
+        for key in _STATE_KINDS[state["kind"]]:
+            wanted = str if key in ("target", "copy") else int
+            if not isinstance(state.get(key), wanted) or isinstance(state.get(key), bool):
+                return f"has a saved record whose state lacks {key}"
+    return None
+
+
+def _damaged(target, where: str, problem: str) -> TargetError:
+    return TargetError(f"{target}: xenrun's state is damaged: {where} {problem}. xenrun cannot tell what that"
+                       f" run changed: move the folder away (keep it, its orig/ holds the originals) and run again")
+
+
+def check_state_folder(target) -> None:
+    """xenrun's state folder (journals, originals, the lock) must be a real folder
+    of the machine: through a link its records could land outside the root, or
+    somewhere a rollback does not look."""
+    for folder in (STATE_DIR, f"{STATE_DIR}/runs"):
+        info = target.lstat(folder)
+        if info is None or info.kind == "dir":
+            continue
+        what = f"a symbolic link (to {info.link})" if info.kind == "link" else f"a {info.kind}, not a folder"
+        raise TargetError(f"{target}: {folder} is {what}: xenrun keeps its state in a real folder there;"
+                          " put a folder in its place (moving xenrun's files into it) and run again")
 
 
 def _pending(target) -> list[tuple[tuple, str | None]]:
@@ -140,6 +214,7 @@ def owed_commands(target) -> frozenset:
     """The argv tuples an earlier --files-only run left for the host and no run has
     carried out since (a command guarded only by ``onchange`` would otherwise be
     forgotten: the files it follows are unchanged on the next run)."""
+    check_state_folder(target)
     return frozenset(argv for argv, _ in _pending(target))
 
 
@@ -211,6 +286,7 @@ class Applier:
 
     # -- lock and recovery -------------------------------------------------------
     def lock(self) -> None:
+        check_state_folder(self.target)
         self.target.lock(f"{STATE_DIR}/lock",
                          f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self.target.read_ahead(lambda: read_state(self.target))  # what recovery and the plan under the lock read
@@ -274,6 +350,8 @@ class Applier:
             failed = _undo(self.target, self.journal)
             what = ", ".join(_describe(o.change) for o in current[:3]) + (" ..." if len(current) > 3 else "") \
                 if current else "apply"
+            if isinstance(e, TargetError):  # the machine's own words name the path: the batch is noise
+                what = "apply"
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 if not failed:
                     self.journal.write(op="failed", step=what, error=str(e))
@@ -313,6 +391,7 @@ class Applier:
             if folder != orig and not orig.startswith(folder + "/"):  # the run's own folders stay
                 self.journal.note(op="mkdir", path=folder)
                 self.point("folder created")
+        _check_room(self.target, stretch, orig, self._saved)  # the run's folder exists: its failure record fits
         wanted = []  # (path, how): "follow", "link" (a link is saved as a link) or "image"
         for o in stretch:
             if isinstance(o.change, SwitchNetwork):
@@ -379,7 +458,7 @@ class Applier:
             self.target.remove(path)
         else:
             self.target.symlink(path, after.link)
-        self.journal.note(op="done", path=path, sha256=_sha(after.data))
+        self.journal.note(op="done", path=path, **_left_as(after))
         self.point("file done")
 
     def _run(self, argv: tuple[str, ...], timeout: float | None) -> None:
@@ -440,8 +519,44 @@ class Applier:
         self.journal.secure()  # (done by _prepare: the originals are on record)
         self.target.write_atomic_many(files, before_rename, links)
         for o in batch:
-            self.journal.note(op="done", path=o.path, sha256=_sha(o.after.data))
+            self.journal.note(op="done", path=o.path, **_left_as(o.after))
             self.point("file done")
+
+
+ROOM_MARGIN_BLOCKS = 16  # the journal's lines, new folders, a filesystem's own rounding
+
+
+def _check_room(target, stretch: list[Outcome], orig: str, saved: set[str]) -> None:
+    """Refuse a stretch whose writes do not fit, before it touches anything: each
+    new file is written whole beside the old one (atomic rename), and each original
+    is copied into the run's folder first. A full /boot or ESP is common."""
+    wants = []  # (path whose filesystem it uses, bytes)
+    for o in stretch:
+        if isinstance(o.change, RunCommand) or o.after is None:
+            continue
+        if o.after.kind == "file" and o.after.data is not None:
+            wants.append((o.path, len(o.after.data)))
+        if o.path not in saved and o.before is not None and o.before.kind == "file" and o.before.data:
+            wants.append((orig, len(o.before.data)))
+    if not wants:
+        return
+    space = target.free_space(list(dict.fromkeys(path for path, _ in wants)))
+    if not space:
+        return
+    need: dict[object, list] = {}
+    for path, size in wants:
+        fs, free, block = space[path]
+        entry = need.setdefault(fs, [0, free, block, STATE_DIR if path == orig else path])
+        entry[0] += -(-size // block) * block + block
+    for used, free, block, path in need.values():
+        if used + ROOM_MARGIN_BLOCKS * block > free:
+            raise TargetError(f"{target}: not enough free space for {path} and what goes with it on its"
+                              f" filesystem: {_size(used)} to write (new files, copies of originals) and a margin of"
+                              f" {_size(ROOM_MARGIN_BLOCKS * block)}, {_size(free)} free: free some space and run again")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB" if n >= 1048576 else f"{n / 1024:.0f} KiB"
 
 
 def _batched(outcome: Outcome) -> bool:
@@ -517,6 +632,9 @@ def _put_back(target, path: str, state: dict) -> None:
         data = target.read(state["copy"])
         if data is None:
             return  # the copy itself was never finished: the file was not touched
+        now = target.lstat(path)
+        if now is not None and now.kind == "file" and now.mode == state["mode"] and target.read(path) == data:
+            return  # never changed (its write failed): nothing to put back, even on an immutable file
         target.write_atomic(path, data, state["mode"], state["uid"], state["gid"])
 
 
@@ -552,7 +670,7 @@ def rollback_changes(target) -> tuple[str | None, list]:
     for j in reversed(journals):
         if j.ended != "commit" or j.kind != "apply" or j.run_id in rolled:
             continue
-        changes, done = [], {r["path"]: r.get("sha256") for r in j.records if r.get("op") == "done"}
+        changes, done = [], {r["path"]: r for r in j.records if r.get("op") == "done"}
         for r in j.records:
             if r.get("op") != "saved":
                 continue
@@ -563,9 +681,9 @@ def rollback_changes(target) -> tuple[str | None, list]:
                 # a disk image may hold a guest's data by now: never removed or shrunk by a rollback
                 structlog.get_logger().warning("disk image kept; remove or shrink it by hand if unwanted", path=path)
                 continue
-            now = target.read(path) if done.get(path) and (target.lstat(path) or State("absent")).kind == "file" else None
-            if path in done and done[path] and now is not None and _sha(now) != done[path]:
-                raise ApplyError(f"{path} was changed after run {j.run_id}; not rolling back over that edit"
+            edited = _edited_since(target, path, done[path]) if path in done else None
+            if edited:
+                raise ApplyError(f"{path} {edited} after run {j.run_id}; not rolling back over that edit"
                                  " (restore it by hand from " f"{STATE_DIR}/runs/{j.run_id}/orig)")
             why = f"rollback of run {j.run_id}"
             if state["kind"] == "absent":

@@ -124,6 +124,16 @@ def ensure_line(text: str, line: str, replace: str | None) -> str:
     return text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
 
 
+def _same_line_endings(before: State, data: bytes) -> bytes:
+    """``data`` with CRLF line endings when the file it replaces has only those:
+    plugins edit text with "\\n", and a CRLF file must converge and roll back
+    byte for byte rather than be rewritten on every run."""
+    old = before.data or b""
+    if before.kind != "file" or b"\r\n" not in old or old.count(b"\r\n") != old.count(b"\n"):
+        return data
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
 def unified(path: str, before: State, after: State) -> str:
     def lines(s: State) -> list[str]:
         if s.kind == "file":
@@ -215,13 +225,14 @@ def _file_outcome(change, path: str, before: State, after: State, same_reason: s
 def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: frozenset = frozenset()) -> Outcome:
     if isinstance(change, WriteFile):
         before = view.destination(change.path, change.plugin)
-        after = State("file", change.content, before.mode if before.kind == "file" else change.mode)
+        after = State("file", _same_line_endings(before, change.content),
+                      before.mode if before.kind == "file" else change.mode)
         return _file_outcome(change, change.path, before, after, "content already as planned")
     if isinstance(change, EnsureLine):
         before = view.destination(change.path, change.plugin)
         old = (before.data or b"").decode(errors="surrogateescape") if before.kind == "file" else ""
         new = ensure_line(old, change.line, change.replace).encode(errors="surrogateescape")
-        after = State("file", new, before.mode if before.kind == "file" else change.mode)
+        after = State("file", _same_line_endings(before, new), before.mode if before.kind == "file" else change.mode)
         return _file_outcome(change, change.path, before, after, "line already present")
     if isinstance(change, Symlink):
         before = view.state(change.path, follow=False)

@@ -14,6 +14,7 @@ imports anything above the targets (flows, registry, plugins, apply, facts).
 
 from __future__ import annotations
 
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from xenrun.errors import TargetError
 
 SEARCH_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 TMP_SUFFIX = ".xenrun-tmp"
+# the largest file a plan reads whole (config files, kernels, initramfs images);
+# beyond it something is wrong with the file, and reading it would exhaust memory
+MAX_READ = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,35 @@ def resolve_in_root(path: str, follow: bool, link_of, where: str = "target") -> 
             continue
         resolved.append(part)
     return resolved
+
+
+def unreadable(where: str, path: str, kind: str, size: int = 0) -> TargetError:
+    """The one-line error for a read of something that is not a file xenrun can
+    read: a folder, a FIFO, a device or socket (reading those blocks or never ends),
+    or a file too big to be one a plan manages."""
+    if kind == "dir":
+        return TargetError(f"{where}: {path} is a folder, not a file")
+    if kind == "file":
+        return TargetError(f"{where}: {path} is {size} bytes, more than the {MAX_READ >> 20} MiB"
+                           " xenrun reads: check that it is the file you mean")
+    return TargetError(f"{where}: {path} is a {kind}, not a regular file (reading it would block or"
+                       " never end): replace it with the file it should be")
+
+
+_FAULT_HINTS = {
+    errno.EPERM: "is it immutable? lsattr shows it, chattr -i clears it",
+    errno.EACCES: "check its permissions and those of its folder",
+    errno.ENOSPC: "its filesystem is full: free some space and run again",
+    errno.EDQUOT: "a disk quota is exhausted: free some space and run again",
+    errno.EROFS: "its filesystem is mounted read-only",
+}
+
+
+def machine_fault(where: str, action: str, path: str, error: OSError) -> TargetError:
+    """The one-line error for a write the machine refused (full disk, immutable
+    file, read-only mount), naming the target's path, not the temp file's."""
+    hint = _FAULT_HINTS.get(error.errno)
+    return TargetError(f"{where}: cannot {action} {path}: {error.strerror or error}" + (f" ({hint})" if hint else ""))
 
 
 def tmp_name(path: str) -> str:
@@ -197,6 +230,12 @@ class Target(ABC):
     def warm_up_with(self, reads: Callable[[], object]) -> None:
         """``reads()``: what to read ahead before the first read that misses the
         cache, when no read_ahead came first. Without a cache: ignored."""
+
+    def free_space(self, paths: list[str]) -> dict[str, tuple[object, int, int]]:
+        """For each path, (its filesystem's id, bytes free, block size), found at
+        its nearest existing folder, so a stretch can tell whether its writes fit.
+        Without it: {} (not checked)."""
+        return {}
 
     def local_path(self, path: str) -> Path | None:
         """The file's path on this machine, for direct access (reading only some

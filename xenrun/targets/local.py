@@ -12,13 +12,29 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import stat
 import subprocess
 from pathlib import Path
 
 from xenrun.errors import LockHeld, TargetError
-from xenrun.targets.base import SEARCH_PATH, TMP_SUFFIX, FileInfo, Result, Target, resolve_in_root
+from xenrun.targets.base import (MAX_READ, SEARCH_PATH, TMP_SUFFIX, FileInfo, Result, Target, resolve_in_root,
+                                 machine_fault, unreadable)
+
+
+def _refused_as(action: str):
+    """A write method whose OSError (full disk, immutable file, read-only mount)
+    becomes the one-line error naming the target's path."""
+    def wrap(method):
+        @functools.wraps(method)
+        def checked(self, path, *args, **kwargs):
+            try:
+                return method(self, path, *args, **kwargs)
+            except OSError as e:
+                raise machine_fault(str(self), action, path, e) from e
+        return checked
+    return wrap
 
 
 class LocalTarget(Target):
@@ -57,13 +73,19 @@ class LocalTarget(Target):
     def read(self, path: str) -> bytes | None:
         """The content of the file at ``path``; None when it does not exist."""
         try:
-            return self.real(path).read_bytes()
-        except FileNotFoundError:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked before reading
+            fd = os.open(self.real(path), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except IsADirectoryError:
-            raise TargetError(f"{self}: {path} is a folder, not a file") from None
-        except NotADirectoryError:
-            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise unreadable(str(self), path, _special_kind(st.st_mode))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_READ + 1)
+        if len(data) > MAX_READ:
+            raise unreadable(str(self), path, "file", st.st_size)
+        return data
 
     def lstat(self, path: str) -> FileInfo | None:
         """What is at ``path`` itself (a symlink is reported, not followed)."""
@@ -83,6 +105,7 @@ class LocalTarget(Target):
             return None
 
     # -- writing -----------------------------------------------------------------
+    @_refused_as("create the folder")
     def makedirs(self, path: str) -> list[str]:
         """Create ``path`` and missing parents; returns the folders it created,
         outermost first (so an undo can remove them)."""
@@ -118,6 +141,7 @@ class LocalTarget(Target):
         for path, data, mode in files:
             self.write_new(path, data, mode)
 
+    @_refused_as("write")
     def write_atomic(self, path: str, data: bytes, mode: int, uid: int | None = None,
                      gid: int | None = None, before_rename=None) -> None:
         """Replace ``path`` with ``data``: temp file in the same folder, fsync,
@@ -145,6 +169,7 @@ class LocalTarget(Target):
             raise
         _fsync_dir(real.parent)
 
+    @_refused_as("write")
     def write_new(self, path: str, data: bytes, mode: int) -> None:
         """Write a file that must not exist yet, durably (data and the folder's
         entry), without a temp file: for files nothing refers to until this
@@ -158,6 +183,7 @@ class LocalTarget(Target):
             os.fsync(f.fileno())
         _fsync_dir(real.parent)
 
+    @_refused_as("make the link")
     def symlink(self, path: str, target: str) -> None:
         real = self.real(path, follow=False)
         tmp = real.parent / f".{real.name}{TMP_SUFFIX}"
@@ -169,6 +195,7 @@ class LocalTarget(Target):
         os.replace(tmp, real)
         _fsync_dir(real.parent)
 
+    @_refused_as("remove")
     def remove(self, path: str) -> None:
         real = self.real(path, follow=False)
         try:
@@ -184,6 +211,7 @@ class LocalTarget(Target):
         except OSError:
             return False
 
+    @_refused_as("create")
     def make_sparse(self, path: str, size: int, mode: int) -> None:
         """Create (or grow) a sparse file: only the size is set, no data written."""
         real = self.real(path)
@@ -196,12 +224,14 @@ class LocalTarget(Target):
             os.close(fd)
         _fsync_dir(real.parent)
 
+    @_refused_as("resize")
     def truncate(self, path: str, size: int) -> None:
         """Set a file's size (undoing a grown disk image)."""
         real = self.real(path)
         if real.exists():
             os.truncate(real, size)
 
+    @_refused_as("write")
     def append_line(self, path: str, line: str) -> None:
         """Append one line (or several, newline-separated) and fsync: the
         journal's durability rests on this."""
@@ -212,6 +242,17 @@ class LocalTarget(Target):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def free_space(self, paths: list[str]) -> dict[str, tuple[object, int, int]]:
+        """statvfs of each path's nearest existing folder (what a write there uses)."""
+        found = {}
+        for path in paths:
+            real = self.real(path, follow=False).parent
+            while not real.exists() and real != real.parent:
+                real = real.parent
+            st, vfs = os.stat(real), os.statvfs(real)
+            found[path] = (st.st_dev, vfs.f_bavail * vfs.f_frsize, vfs.f_frsize or 4096)
+        return found
 
     # -- commands ----------------------------------------------------------------
     def cannot_run(self, argv: tuple[str, ...], written: bool = False) -> str | None:
@@ -271,6 +312,7 @@ class LocalTarget(Target):
         return Result(full, p.returncode, p.stdout, p.stderr)
 
     # -- lock --------------------------------------------------------------------
+    @_refused_as("take the lock")
     def lock(self, path: str, holder: str) -> None:
         """Take the target's lock at ``path`` or fail at once naming its holder. The
         kernel drops the lock when the process dies, so a killed run leaves none."""
@@ -281,7 +323,8 @@ class LocalTarget(Target):
             fd = os.open(real, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError as e:
             raise TargetError(f"{self}: cannot open the lock {path}: {e.strerror}"
-                              + (" (it is a symbolic link: remove it)" if e.errno == errno.ELOOP else "")) from None
+                              + (" (it is a symbolic link: remove it)" if e.errno == errno.ELOOP
+                                 else ": remove it; xenrun makes a new one" if e.errno == errno.EISDIR else "")) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             os.close(fd)
@@ -317,6 +360,11 @@ def _info(real: Path) -> FileInfo | None:
             else "dir" if stat.S_ISDIR(st.st_mode) else "other")
     return FileInfo(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
                     st.st_blocks, os.readlink(real) if kind == "link" else None)
+
+
+def _special_kind(mode: int) -> str:
+    return ("dir" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "character device"
+            if stat.S_ISCHR(mode) else "block device" if stat.S_ISBLK(mode) else "socket")
 
 
 def _fsync_dir(path: Path) -> None:

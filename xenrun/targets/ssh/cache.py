@@ -8,7 +8,7 @@ import posixpath
 import stat as statmod
 
 from xenrun.errors import TargetError
-from xenrun.targets.base import FileInfo, resolve_in_root
+from xenrun.targets.base import MAX_READ, FileInfo, resolve_in_root, unreadable
 from xenrun.targets.ssh.framing import fetch_request, kind_of, parse_fetch
 
 WARM_UP_ROUNDS = 4
@@ -178,8 +178,11 @@ class Cache:
             key, info = self._node(path, True)
             if info is None:
                 return None
-            if info.kind == "dir":
-                raise TargetError(f"{self}: {path} is a folder, not a file")
+            if info.kind in ("dir", "other"):  # a FIFO or a device: SFTP's read would block or never end
+                raise unreadable(str(self), path, "special file (FIFO, device or socket)"
+                                 if info.kind == "other" else "dir")
+            if info.size > MAX_READ:
+                raise unreadable(str(self), path, "file", info.size)
             if key in self._data:
                 return self._data[key]
             if self._offline:
