@@ -391,6 +391,9 @@ CASES = [
      + "[domain.web.vnc]\ndisplay = 3\n[domain.pv1.vnc]\ndisplay = 3\n", "domain.pv1.vnc.display", 24),
     ("same image twice", BASE.replace('size = "10G"', 'size = "10G"\npath = "/srv/a.img"')
      + 'path = "/srv/a.img"\n', "domain.pv1.disks[0]", 21),
+    ("too many disks", BASE + "".join('[[domain.pv1.disks]]\nsize = "1G"\n' for _ in range(16)), "domain.pv1.disks", 20),
+    ("disk path with a comma", BASE.replace('size = "10G"', 'size = "10G"\npath = "/srv/a,b.img"'),
+     "domain.web.disks[0].path", 10),
     ("lvm without a volume group", BASE.replace('backend = "image"', 'backend = "lvm"'), "domain.web.disks[0].vg", 7),
 ]
 

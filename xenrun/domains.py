@@ -52,6 +52,7 @@ _XL_TEXT = re.compile(r"[^'\"\\\x00-\x1f\x7f]*")
 DOMAIN_KEYS = ("host", "type", "memory", "vcpus", "disks", "vif", "iso", "iso_vdev", "kernel", "ramdisk",
                "extra", "bootloader", "iso_boot", "iso_kernel", "iso_ramdisk", "vnc", "allow_open_vnc",
                "autostart", "boot_dir")
+MAX_DISKS = 16  # xvda..xvdp: beyond, xl and the guest's kernel name disks in ways plans cannot tell apart
 DISK_KEYS = ("backend", "size", "vdev", "path", "vg", "lv", "device", "grow", "access")
 VIF_KEYS = ("bridge", "mac")
 VNC_KEYS = ("listen", "display", "password")
@@ -328,6 +329,8 @@ def _disks(src: DomainFile, name: str, raw, where: tuple[str, ...]) -> tuple[Dis
         raise src.error(where[:2], "disks is missing: give at least one disk, as [[domain.NAME.disks]] (S16)")
     if not isinstance(raw, list) or not raw:
         raise src.error(where, "must be a list of disk tables, as [[domain.NAME.disks]]")
+    if len(raw) > MAX_DISKS:
+        raise src.error(where, f"{len(raw)} disks: a domain takes at most {MAX_DISKS} (xvda to xvd{chr(96 + MAX_DISKS)})")
     out: list[DiskSpec] = []
     for i, item in enumerate(raw):
         at = where + (str(i),)
