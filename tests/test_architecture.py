@@ -16,7 +16,7 @@ LAYERS = [
     ("values", {"xenrun", "xenrun.errors", "xenrun.settings", "xenrun.changes", "xenrun.facts", "xenrun.profiles",
                 "xenrun.xlcfg", "xenrun.logs", "xenrun.hookspecs", "xenrun.config", "xenrun.domains",
                 "xenrun.netswitch", "xenrun.netconf"}),
-    ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.apply"}),
+    ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.state", "xenrun.apply"}),
     ("plugins", {"xenrun.registry", "xenrun.hooks", "xenrun.api", "xenrun.plugins"}),
     ("flows", {"xenrun.run", "xenrun.guests", "xenrun.fleet", "xenrun.bootcheck", "xenrun.testing",
                "xenrun.report"}),

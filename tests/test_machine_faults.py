@@ -311,3 +311,14 @@ def test_rollback_after_hand_edits_are_undone_goes_through(site):
     link.symlink_to(target)
     assert _xenrun(site, task="rollback").returncode == 0
     assert tree_hash(root, skip_state=True) == before
+
+
+def test_the_free_space_check_holds_over_ssh(small_fs, sshd):
+    from test_ssh import over_ssh
+    root = over_ssh(small_fs, HOST, sshd)
+    before = tree_hash(root, skip_state=True)
+    filler = _fill(small_fs, 40 * 1024)
+    _one_line(_xenrun(small_fs), 1, "not enough free space", "KiB free", "put back")
+    assert tree_hash(root, skip_state=True) == before
+    filler.unlink()
+    assert _xenrun(small_fs).returncode == 0

@@ -16,39 +16,31 @@
   them back, applied through this same machinery.
 
 XENRUN_CRASH_AT=N (tests only) kills the process with SIGKILL at the N-th crash
-point, so the tests can prove the claims above at every point.
+point, so the tests can prove the claims above at every point. XENRUN_PAUSE_AT=
+LABEL:K (tests only) stops it (SIGSTOP) at the K-th point of that label, after
+saying so on stderr, so the end-to-end test can cut the machine's power there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
 
 import structlog
 
 from xenrun.changes import RemoveFile, RunCommand, SparseFile, SwitchNetwork, Symlink, WriteFile
 from xenrun.errors import ApplyError, HostLost, TargetError
 from xenrun.netswitch import confirm_argv, plan_folder, run_argv
-from xenrun.plan import CHANGE, PENDING, Outcome, State
-
-STATE_DIR = "/var/lib/xenrun"
-END_RECORDS = ("commit", "undone", "failed")
-RECOVERY_RECORDS = ("saved", "mkdir")  # what _undo reads: durable before what they cover changes
-
-
-def _sha(data: bytes | None) -> str | None:
-    return hashlib.sha256(data).hexdigest() if data is not None else None
-
+from xenrun.plan import CHANGE, Outcome, State
+from xenrun.state import (PENDING_FILE, STATE_DIR, Journal, check_state_folder, digest, new_run_id, owed_file,
+                          read_state, run_ids)
 
 def _left_as(after: State) -> dict:
     """A "done" record's account of what the run left at a path, so a rollback can
     tell a hand edit since (new content, a link retargeted or put in a file's place)."""
-    left = {"sha256": _sha(after.data), "kind": after.kind}
+    left = {"sha256": digest(after.data), "kind": after.kind}
     return {**left, "link": after.link} if after.kind == "link" else left
 
 
@@ -58,10 +50,10 @@ def _edited_since(target, path: str, done: dict) -> str | None:
     kind = done.get("kind")
     if kind is None:  # a record of an older xenrun: only the content was noted
         if done.get("sha256") and now is not None and now.kind == "file":
-            return "was changed" if _sha(target.read(path)) != done["sha256"] else None
+            return "was changed" if digest(target.read(path)) != done["sha256"] else None
         return None
     if kind == "file" and now is not None and now.kind == "file":
-        return "was changed" if _sha(target.read(path)) != done.get("sha256") else None
+        return "was changed" if digest(target.read(path)) != done.get("sha256") else None
     if kind == "link" and now is not None and now.kind == "link":
         return f"was pointed at {now.link}" if now.link != done.get("link") else None
     if kind in ("file", "link") and now is None:
@@ -76,202 +68,20 @@ class CrashPoints:
 
     def __init__(self):
         self.count = 0
+        self.seen: dict[str, int] = {}
         at = os.environ.get("XENRUN_CRASH_AT")
         self.at = int(at) if at and at.isdigit() else None
+        label, _, nth = os.environ.get("XENRUN_PAUSE_AT", "").rpartition(":")
+        self.pause_at = (label, int(nth)) if label and nth.isdigit() else None
 
     def __call__(self, label: str) -> None:
         self.count += 1
+        self.seen[label] = self.seen.get(label, 0) + 1
         if self.at is not None and self.count == self.at:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass
-class Journal:
-    """A run's records. ``write`` makes a record durable at once (with any noted
-    before it); ``note`` keeps it until the next ``flush`` or ``write``. The
-    applier notes the "mkdir" and "saved" records of a stretch of changes
-    together and makes them durable (``secure``) before the first of those
-    changes; the "done" and "ran" records, which recovery does not read, wait
-    for the next flush. A crash loses only records that recovery does not need."""
-
-    target: object
-    run_id: str
-    records: list[dict] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)
-    needed: bool = False  # a record recovery reads is among the pending ones
-
-    @property
-    def folder(self) -> str:
-        return f"{STATE_DIR}/runs/{self.run_id}"
-
-    def note(self, **record) -> None:
-        self.records.append(record)
-        self.pending.append(json.dumps(record, sort_keys=True))
-        self.needed = self.needed or record["op"] in RECOVERY_RECORDS
-
-    def flush(self) -> None:
-        if self.pending:
-            lines, self.pending, self.needed = "\n".join(self.pending), [], False
-            self.target.append_line(f"{self.folder}/journal", lines)
-
-    def secure(self) -> None:
-        """Flush if recovery needs a pending record (before anything is touched)."""
-        if self.needed:
-            self.flush()
-
-    def write(self, **record) -> None:
-        self.note(**record)
-        self.flush()
-
-    @classmethod
-    def read(cls, target, run_id: str) -> "Journal":
-        path = f"{STATE_DIR}/runs/{run_id}/journal"
-        info = target.lstat(f"{STATE_DIR}/runs/{run_id}")
-        if info is not None and info.kind != "dir":
-            raise _damaged(target, f"{STATE_DIR}/runs/{run_id}", f"is a {info.kind}, not a run's folder")
-        data = target.read(path) or b""
-        records = []
-        lines = data.decode(errors="replace").splitlines()
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                if number == len(lines):
-                    break  # a torn last line: the run died writing it
-                raise _damaged(target, f"{path}:{number}", "is not a JSON record") from None
-            problem = _record_problem(record)
-            if problem:
-                raise _damaged(target, f"{path}:{number}", problem)
-            records.append(record)
-        return cls(target, run_id, records)
-
-    @property
-    def ended(self) -> str | None:
-        ends = [r["op"] for r in self.records if r.get("op") in END_RECORDS]
-        return ends[-1] if ends else None
-
-    @property
-    def kind(self) -> str:
-        return self.records[0].get("kind", "apply") if self.records else "apply"
-
-
-PENDING_FILE = f"{STATE_DIR}/pending"  # commands --files-only runs left for the host
-_STATE_KINDS = {"absent": (), "link": ("target",), "sparse": ("size",), "file": ("copy", "mode", "uid", "gid")}
-
-
-def _record_problem(record) -> str | None:
-    """What is wrong with a journal record's shape (what _undo and rollback read), or None."""
-    if not isinstance(record, dict) or not isinstance(record.get("op"), str):
-        return "is not a record with an op"
-    if record["op"] in ("saved", "mkdir", "done") and not (isinstance(record.get("path"), str)
-                                                          and record["path"].startswith("/")):
-        return f"has a {record['op']} record without an absolute path"
-    if record["op"] == "saved":
-        state = record.get("state")
-        if not isinstance(state, dict) or state.get("kind") not in _STATE_KINDS:
-            return "has a saved record whose state is not one xenrun writes"
-        for key in _STATE_KINDS[state["kind"]]:
-            wanted = str if key in ("target", "copy") else int
-            if not isinstance(state.get(key), wanted) or isinstance(state.get(key), bool):
-                return f"has a saved record whose state lacks {key}"
-    return None
-
-
-def _damaged(target, where: str, problem: str) -> TargetError:
-    return TargetError(f"{target}: xenrun's state is damaged: {where} {problem}. xenrun cannot tell what that"
-                       f" run changed: move the folder away (keep it, its orig/ holds the originals) and run again")
-
-
-def check_state_folder(target) -> None:
-    """xenrun's state folder (journals, originals, the lock) must be a real folder
-    of the machine: through a link its records could land outside the root, or
-    somewhere a rollback does not look."""
-    for folder in (STATE_DIR, f"{STATE_DIR}/runs"):
-        info = target.lstat(folder)
-        if info is None or info.kind == "dir":
-            continue
-        what = f"a symbolic link (to {info.link})" if info.kind == "link" else f"a {info.kind}, not a folder"
-        raise TargetError(f"{target}: {folder} is {what}: xenrun keeps its state in a real folder there;"
-                          " put a folder in its place (moving xenrun's files into it) and run again")
-
-
-def _pending(target) -> list[tuple[tuple, str | None]]:
-    """The pending file's (argv, run that left it) pairs."""
-    data = target.read(PENDING_FILE)
-    if not data:
-        return []
-    try:
-        text = json.loads(data)
-        runs = text.get("runs") or [None] * len(text["commands"])
-        return [(tuple(argv), run if isinstance(run, str) else None) for argv, run in zip(text["commands"], runs)
-                if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        structlog.get_logger().warning("unreadable; no command is taken as left for the host", file=PENDING_FILE)
-        return []
-
-
-def owed_commands(target) -> frozenset:
-    """The argv tuples an earlier --files-only run left for the host and no run has
-    carried out since (a command guarded only by ``onchange`` would otherwise be
-    forgotten: the files it follows are unchanged on the next run)."""
-    check_state_folder(target)
-    return frozenset(argv for argv, _ in _pending(target))
-
-
-def left_by(target, run_id: str) -> frozenset:
-    """The commands owed because run ``run_id`` left them."""
-    return frozenset(argv for argv, run in _pending(target) if run == run_id)
-
-
-def still_owed(outcomes: list[Outcome], owed: frozenset, results: list[str] | None = None) -> frozenset:
-    """What is owed after a run: commands left pending now, and those owed before
-    that did not run (``results``: the apply's status per outcome)."""
-    now = set()
-    for index, outcome in enumerate(outcomes):
-        if isinstance(outcome.change, RunCommand):
-            ran = results is not None and results[index] == "changed"
-            if outcome.action == PENDING or (outcome.change.argv in owed and not ran):
-                now.add(outcome.change.argv)
-    return frozenset(now)
-
-
-def owed_file(target, owed: frozenset, now: frozenset, run: str | None = None) -> bytes | None:
-    """The pending file's new content for the commands owed ``now`` (each with
-    the run that left it: ``run`` for those new now), None when none are."""
-    if not now:
-        return None
-    before = dict(_pending(target))
-    commands = sorted(now)
-    text = json.dumps({"commands": [list(argv) for argv in commands],
-                       "runs": [before.get(argv) if argv in owed else run for argv in commands]}, indent=1)
-    return text.encode() + b"\n"
-
-
-def remember_owed(target, owed: frozenset, now: frozenset, run: str | None = None) -> None:
-    """Write the commands owed (under the lock, outside any run), or remove the
-    file when none are."""
-    if now == owed:
-        return
-    if (data := owed_file(target, owed, now, run)) is not None:
-        target.write_atomic(PENDING_FILE, data, 0o600)
-    else:
-        target.remove(PENDING_FILE)
-
-
-def run_ids(target) -> list[str]:
-    return target.listdir(f"{STATE_DIR}/runs") or []
-
-
-def read_state(target) -> None:
-    """Read what a run reads of xenrun's state on the target (the commands owed,
-    every run's journal): an SSH target fetches it all in one go before."""
-    owed_commands(target)
-    for run_id in run_ids(target):
-        Journal.read(target, run_id)
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}-{os.getpid()}"
+        if self.pause_at == (label, self.seen[label]):
+            os.write(2, f"xenrun: paused at crash point {label}:{self.seen[label]} (XENRUN_PAUSE_AT)\n".encode())
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class Applier:
@@ -376,7 +186,7 @@ class Applier:
             self.target.write_atomic(PENDING_FILE, data, 0o600)
         else:
             self.target.remove(PENDING_FILE)
-        self.journal.note(op="done", path=PENDING_FILE, sha256=_sha(data))
+        self.journal.note(op="done", path=PENDING_FILE, sha256=digest(data))
         self.point("pending written")
 
     def _prepare(self, stretch: list[Outcome], first: bool) -> None:
@@ -432,7 +242,7 @@ class Applier:
                 copy = f"{self.journal.folder}/orig/{self._copies}"
                 copies.append((copy, data, 0o600))  # referred to only by the record below
                 state = {"kind": "file", "copy": copy, "mode": followed.mode, "uid": followed.uid,
-                         "gid": followed.gid, "sha256": _sha(data)}
+                         "gid": followed.gid, "sha256": digest(data)}
             records.append((path, state))
         if copies:
             self.target.write_new_many(copies)
@@ -492,7 +302,7 @@ class Applier:
         self._run(run_argv(change, folder), change.timeout)
         self._run(confirm_argv(folder), 60)
         for file in change.files:
-            self.journal.note(op="done", path=file.path, sha256=_sha(getattr(file, "content", None)))
+            self.journal.note(op="done", path=file.path, sha256=digest(getattr(file, "content", None)))
         self.point("file done")
 
     def _write_batch(self, batch: list[Outcome]) -> None:

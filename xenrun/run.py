@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import structlog
 
 from xenrun import hooks, logs, registry
-from xenrun.apply import (STATE_DIR, Applier, Journal, left_by, owed_commands, read_state, remember_owed,
-                          remove_created_folders, rollback_changes, run_ids, still_owed)
+from xenrun.apply import Applier, remove_created_folders, rollback_changes
+from xenrun.state import STATE_DIR, Journal, left_by, owed_commands, read_state, remember_owed, run_ids, still_owed
 from xenrun.changes import Change, RunCommand
 from xenrun.config import Host, HostSpec, Site, load_site
 from xenrun.errors import ApplyError, TargetError, UsageError

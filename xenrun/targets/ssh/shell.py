@@ -234,6 +234,22 @@ class Shell:
             return Result(argv, 124, out.decode(errors="replace"), f"{argv[0]}: timed out after {timeout} s")
         return Result(argv, rc, out.decode(errors="replace"), err.decode(errors="replace"))
 
+    def free_space(self, paths: list[str]) -> dict[str, tuple[object, int, int]]:
+        """``stat -f`` of each path's nearest existing folder on the host, in one
+        request (no command of the target's: a read like a fetch). {} when the
+        host cannot tell (then the check is not made)."""
+        keys = [self._resolve(p, follow=False) for p in paths]
+        finder = ('for p; do d=${p%/*}; while [ -n "$d" ] && ! [ -d "$d" ]; do d=${d%/*}; done;'
+                  ' stat -f -c "%i %a %S" -- "${d:-/}" || echo "? ? ?"; done')
+        rc, out, _ = self._command(("sh", "-c", finder, "sh", *keys), 60, None, chroot=False)
+        found = {}
+        for path, line in zip(paths, out.decode(errors="replace").splitlines()):
+            fields = line.split()
+            if rc != 0 or len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit():
+                return {}
+            found[path] = (fields[0], int(fields[1]) * int(fields[2]), int(fields[2]) or 4096)
+        return found if len(found) == len(paths) else {}
+
     def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
         """Run a check command of the host (outside any root) on a file of the
         target, "{}" standing for its path on the host (the temp file before a rename)."""
