@@ -322,3 +322,26 @@ def test_the_free_space_check_holds_over_ssh(small_fs, sshd):
     assert tree_hash(root, skip_state=True) == before
     filler.unlink()
     assert _xenrun(small_fs).returncode == 0
+
+
+def test_mode_000_files_and_folders_keep_their_modes_and_roll_back(site):
+    """Root reads and writes through mode 000 (as it does on a real host): the run
+    works, keeps each file's mode, and a rollback gives back the bytes and modes."""
+    root = site / "hosts" / HOST
+    (root / "etc/default/grub").chmod(0)
+    (root / "etc/default").chmod(0)
+    before = tree_hash(root)
+    assert _xenrun(site).returncode == 0
+    assert stat.S_IMODE((root / "etc/default/grub").stat().st_mode) == 0
+    assert b"GRUB_DEFAULT=saved" in (root / "etc/default/grub").read_bytes()
+    assert _xenrun(site, task="rollback").returncode == 0
+    assert tree_hash(root, skip_state=True) == before
+
+
+def test_garbage_in_proc_net_route_gives_one_line(site):
+    root = site / "hosts" / HOST
+    (root / "proc/net").mkdir(parents=True, exist_ok=True)
+    (root / "proc/net/route").write_text("Iface\tDestination\nxx\tZZZZ\tq\n\x00\xff\n")
+    before = tree_hash(root)
+    _one_line(_xenrun(site), 2, "uplink")
+    assert tree_hash(root) == before

@@ -777,6 +777,7 @@ def run_guest(
     timeout: float = 480.0,
     guest_wait_seconds: int = 150,
     progress: Callable[[str, float], None] | None = None,
+    **qemu_kw,
 ) -> GuestRun:
     """Boot an emulated Xen host and ``xl create`` a PV guest in it.
 
@@ -785,7 +786,8 @@ def run_guest(
     and the reporting initramfs).  ``guest_files`` are extra dom0 files
     (absolute path -> bytes or source file), ``dom0_setup`` shell commands run
     before ``xl create`` (make disk images, volume groups, ...), and
-    ``extra_drives`` raw images given to QEMU as /dev/vda, /dev/vdb, ...
+    ``extra_drives`` raw images given to QEMU as /dev/vda, /dev/vdb, ...;
+    ``qemu_kw`` go to :func:`qemu_argv` (``cpu=``, ``memory_mb=``).
     """
     own_tmp = None
     if workdir is None:
@@ -797,7 +799,7 @@ def run_guest(
         files[GUEST_CONFIG] = xl_cfg_text.encode()
         script = guest_script(dom0_setup, guest_wait_seconds)
         initrd = build_dom0_initramfs(workdir / "dom0-initrd.gz", pkgs, script, files)
-        host = boot_xen_host(pkgs, initrd, extra_drives, timeout, progress=progress)
+        host = boot_xen_host(pkgs, initrd, extra_drives, timeout, progress=progress, **qemu_kw)
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()

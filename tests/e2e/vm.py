@@ -31,7 +31,7 @@ from typing import Callable
 QEMU = "qemu-system-x86_64"
 RELAY = Path(__file__).resolve().with_name("relay.py")
 SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-               "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=5",
+               "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=5",
                "-o", "ServerAliveCountMax=3")
 
 
@@ -39,6 +39,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# what ssh says when it could not connect at all (the command was not run)
+CONNECT_FAILURES = ("during banner exchange", "connect to host 127.0.0.1 port")
 
 
 class VMError(RuntimeError):
@@ -52,6 +56,9 @@ class VM:
         """``guest_forward``: (address, port) the guest connects to, and the port on
         this machine's 127.0.0.1 that QEMU relays those connections to."""
         self.base, self.key, self.workdir = Path(base), Path(key), Path(workdir)
+        # "unsafe": QEMU ignores the guest's flushes (fast); "writeback" honours them,
+        # as a real disk does, so that killing QEMU is a power cut and not a torn overlay
+        self.cache = "unsafe"
         self.guest_forward = guest_forward
         self.memory_mb, self.cpus, self.extra_disk_gb = memory_mb, cpus, extra_disk_gb
         self.progress = progress
@@ -68,15 +75,19 @@ class VM:
         return f"root@127.0.0.1:{self.port}"
 
     # -- life cycle -------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, keep_disks: bool = False) -> None:
+        """Start QEMU on a new overlay of the base image (``keep_disks``: on the
+        disks as the last power-off or power cut left them)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(self.control_path), exist_ok=True)  # kill() removed it
         overlay = self.workdir / "disk.qcow2"
-        overlay.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "raw", str(overlay)],
-                       check=True, capture_output=True)
+        if not keep_disks:
+            overlay.unlink(missing_ok=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.base), "-F", "raw",
+                            str(overlay)], check=True, capture_output=True)
         argv = [QEMU, "-machine", "pc", "-accel", "tcg", "-cpu", "qemu64", "-smp", str(self.cpus),
                 "-m", str(self.memory_mb), "-display", "none", "-monitor", "none", "-vga", "none",
-                "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
+                "-drive", f"file={overlay},format=qcow2,if=virtio,cache={self.cache}",
                 "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port or free_port()}-:22"
                            + self._guestfwd(),
                 "-device", "virtio-net-pci,netdev=n0",
@@ -87,10 +98,11 @@ class VM:
         self.port = int(re.search(r"127\.0\.0\.1:(\d+)-", " ".join(argv)).group(1))
         if self.extra_disk_gb:
             extra = self.workdir / "lvm.qcow2"
-            extra.unlink(missing_ok=True)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), f"{self.extra_disk_gb}G"],
-                           check=True, capture_output=True)
-            argv += ["-drive", f"file={extra},format=qcow2,if=virtio,cache=unsafe"]
+            if not keep_disks:
+                extra.unlink(missing_ok=True)
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), f"{self.extra_disk_gb}G"],
+                               check=True, capture_output=True)
+            argv += ["-drive", f"file={extra},format=qcow2,if=virtio,cache={self.cache}"]
         (self.workdir / "qemu.argv").write_text(shlex.join(argv) + "\n")
         self.console.write_bytes(b"")
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.workdir / "qemu.out", "wb"),
@@ -124,6 +136,18 @@ class VM:
                 pass
             p.wait(timeout=30)
 
+    def power_cut(self) -> None:
+        """Pull the plug: QEMU killed at once, the guest's page cache lost with it."""
+        self.kill()
+
+    def power_on(self, cache: str | None = None, timeout: float = 900) -> float:
+        """Start again on the same disks and wait for SSH; returns the seconds."""
+        started = time.monotonic()
+        self.cache = cache or self.cache
+        self.start(keep_disks=True)
+        self.wait_ssh(timeout=timeout)
+        return time.monotonic() - started
+
     def stop(self, timeout: float = 90) -> None:
         """Power off through SSH, then make sure QEMU is gone."""
         p = self.process
@@ -153,8 +177,15 @@ class VM:
         return ["ssh", *SSH_OPTIONS, *mux, "-i", str(self.key), "-p", str(self.port), "root@127.0.0.1", command]
 
     def ssh(self, command: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.ssh_argv(command), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        for attempt in range(3):
+            proc = subprocess.run(self.ssh_argv(command), capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)
+            # ssh never got to run the command (a busy emulated machine answers its banner late):
+            # safe to ask again; anything else is the command's own answer
+            if proc.returncode != 255 or not any(s in proc.stderr for s in CONNECT_FAILURES) or attempt == 2:
+                break
+            self.progress(f"vm: ssh did not connect ({proc.stderr.strip()[-120:]}); trying again")
+            time.sleep(5)
         if check and proc.returncode != 0:
             raise VMError(f"ssh {command!r}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-2000:]}")
         return proc
