@@ -257,7 +257,7 @@ def test_list_shows_the_hosts_guests(site):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     rows = {d["name"]: d for d in data["domains"]}
-    assert set(rows) == {"arch-hvm", "arch-pv"}
+    assert set(rows) == {"arch-hvm", "arch-pv", "arch-pvh"}
     assert rows["arch-pv"]["config"] == "/etc/xen/arch-pv.cfg" and rows["arch-pv"]["autostart"]
     assert rows["arch-hvm"]["config"] is None and rows["arch-pv"]["running"] is None
     assert "xl cannot run" in data["note"]
@@ -295,6 +295,18 @@ def test_finish_install_text_edit_keeps_other_lines():
            'on_crash = "restart"\ndisk = [ "file:/i.img,xvda,w",\n  "file:/a.iso,xvdb,r" ]\n'
     assert xlcfg.without_install(text) == ('# my guest\nname = "g"\nbootloader = "pygrub"\nmemory = 512\n'
                                            'on_crash = "restart"\ndisk = [ "file:/i.img,xvda,w" ]\n')
+
+
+def test_a_pvh_guest_boots_its_kernel_directly(site):
+    (site / "domains.toml").write_text('[domain.pv1]\nhost = "arch-grub"\ntype = "pvh"\nmemory = "256M"\n'
+                                       'kernel = "/boot/vmlinuz-linux"\nextra = "console=hvc0"\n'
+                                       '[[domain.pv1.disks]]\nsize = "4G"\n')
+    r, plan = create(site, "pv1", "--dry")
+    assert r.returncode == 0, r.stderr
+    cfg = next(i for i in plan["plan"] if i.get("path") == "/etc/xen/pv1.cfg")
+    assert cfg["step"] == "S19"
+    lines = [line[1:] for line in cfg["diff"].splitlines() if line.startswith("+") and not line.startswith("+++")]
+    assert lines[:3] == ['name = "pv1"', 'type = "pvh"', 'kernel = "/boot/vmlinuz-linux"'], lines
 
 
 def test_finish_install_refuses_hvm_and_missing_config(site):
@@ -391,6 +403,11 @@ CASES = [
      + "[domain.web.vnc]\ndisplay = 3\n[domain.pv1.vnc]\ndisplay = 3\n", "domain.pv1.vnc.display", 24),
     ("same image twice", BASE.replace('size = "10G"', 'size = "10G"\npath = "/srv/a.img"')
      + 'path = "/srv/a.img"\n', "domain.pv1.disks[0]", 21),
+    ("pvh without kernel", BASE.replace('type = "pv"', 'type = "pvh"').replace('bootloader = "pygrub"\n', ""),
+     "domain.pv1", 14),
+    ("pvh with pygrub", BASE.replace('type = "pv"', 'type = "pvh"'), "domain.pv1.bootloader", 18),
+    ("pvh with vnc", PV_KERNEL.replace('type = "pv"', 'type = "pvh"') + "[domain.pv1.vnc]\ndisplay = 2\n",
+     "domain.pv1.vnc", 22),
     ("too many disks", BASE + "".join('[[domain.pv1.disks]]\nsize = "1G"\n' for _ in range(16)), "domain.pv1.disks", 20),
     ("disk path with a comma", BASE.replace('size = "10G"', 'size = "10G"\npath = "/srv/a,b.img"'),
      "domain.web.disks[0].path", 10),

@@ -89,14 +89,14 @@ GUEST_RAMDISK = "/var/lib/xen/images/guest-initrd.gz"
 GUEST_CONFIG = "/etc/xen/guest.cfg"
 
 
-def guest_domain_toml(name: str, host: str, disk: str, mac: str | None = None) -> str:
+def guest_domain_toml(name: str, host: str, disk: str, mac: str | None = None, kind: str = "pv") -> str:
     """A [domain.NAME] of domains.toml for a PV guest booting the reporting kernel
     and initramfs above, with ``disk`` (TOML lines of its one disk) and a vif on
     xenbr0 (the MAC derived from the name by xenrun when ``mac`` is None)."""
     return f"""
 [domain.{name}]
 host = "{host}"
-type = "pv"
+type = "{kind}"
 memory = "128M"
 vcpus = 1
 kernel = "{GUEST_KERNEL}"

@@ -5,7 +5,7 @@ mkinitcpio.conf).
 Shape of domains.toml (beside plugins.toml; see examples/domains.toml)::
 
     [defaults]                 any domain key, for every domain below
-    [domain.NAME]              one guest: type = "pv" | "hvm", memory, vcpus, host(s),
+    [domain.NAME]              one guest: type = "pv" | "pvh" | "hvm", memory, vcpus, host(s),
                                iso, kernel/ramdisk/extra, bootloader, iso_boot, autostart
     [[domain.NAME.disks]]      backend = "image" | "lvm" | "phy", size, vdev, ...
     [[domain.NAME.vif]]        bridge, mac
@@ -96,7 +96,7 @@ class Domain:
     for a value that is well-formed but wrong for the host (found while planning)."""
 
     name: str
-    type: str  # "pv" or "hvm"
+    type: str  # "pv", "pvh" (PV drivers in an HVM container, no device model) or "hvm"
     memory_mib: int
     disks: tuple[DiskSpec, ...]
     vifs: tuple[Vif, ...]
@@ -261,8 +261,8 @@ def _domain(src: DomainFile, name: str, defaults: dict, table: dict, site_hosts)
         if key not in DOMAIN_KEYS:
             raise err(key, f"unknown key (known: {', '.join(DOMAIN_KEYS)})")
     if "type" not in values:
-        raise src.error(where, 'type is missing: "pv" or "hvm"')
-    kind = get("type", check.choice("pv", "hvm"))
+        raise src.error(where, 'type is missing: "pv", "pvh" or "hvm"')
+    kind = get("type", check.choice("pv", "pvh", "hvm"))
     hosts = get("host", _hosts, ())
     if site_hosts:
         for h in hosts:
@@ -284,6 +284,13 @@ def _domain(src: DomainFile, name: str, defaults: dict, table: dict, site_hosts)
             if k in values:
                 raise err(k, "an HVM guest boots from its disk or ISO through its own firmware;"
                              " kernel, ramdisk, extra, bootloader and iso_boot are for PV guests")
+    elif kind == "pvh":
+        for k in ("bootloader", "iso_boot", "iso_kernel", "iso_ramdisk", "vnc"):
+            if k in values:
+                raise err(k, "a PVH guest boots its kernel directly (kernel, ramdisk, extra); pygrub, iso_boot"
+                             " and vnc are for PV or HVM guests")
+        if not boot["kernel"]:
+            raise src.error(where, "a PVH guest needs kernel (with ramdisk and extra): it boots it directly")
     else:
         if "vnc" in values:
             raise err("vnc", "vnc is for HVM guests (a PV guest has a text console: xl console)")

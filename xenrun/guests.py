@@ -176,7 +176,7 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
         # WriteFile keeps an existing file's mode: a config that now holds a password
         # is written anew so that it is created 0600
         changes.append(RemoveFile(domain.config_path, step="S18", why="re-created 0600: it holds the VNC password"))
-    kind = "S19" if spec.type == "pv" else "S18"
+    kind = "S18" if spec.type == "hvm" else "S19"
     changes.append(WriteFile(domain.config_path, text, 0o600 if secret else 0o644, step=kind,
                              why=f"xl config of {spec.type.upper()} guest {domain.name}"))
     link = target.lstat(domain.auto_path)
@@ -185,7 +185,7 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
     elif link is not None and (link.kind != "link" or link.link == domain.config_path):
         changes.append(RemoveFile(domain.auto_path, step="S22", why="autostart = false"))
     changes.append(RunCommand(("xl", "create", domain.config_path), unless=("xl", "list", domain.name), step="S22",
-                              why=f"start {domain.name}" + (" (then: xenrun domain.console)" if spec.type == "pv" else
+                              why=f"start {domain.name}" + (" (then: xenrun domain.console)" if spec.type != "hvm" else
                                                             f" (VNC on port {5900 + spec.vnc.display})"
                                                             if spec.vnc and spec.vnc.display is not None else "")))
     return [c if c.plugin else dataclasses.replace(c, plugin="domain") for c in changes], notes
@@ -252,7 +252,8 @@ def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str
     """S21: kernel, ramdisk and extra dropped, bootloader = "pygrub", the ISO
     removed from disk; S20/S26 notes on the guest's own disk where readable."""
     if domain.type != "pv":
-        raise UsageError(f"{domain.name} is an HVM guest: finish-install is the article's PV step (S21)")
+        raise UsageError(f"{domain.name} is a{'n HVM' if domain.type == 'hvm' else ' PVH'} guest: finish-install"
+                         " is the article's PV step (S21)")
     data = p.target.read(domain.config_path)
     if data is None:
         raise UsageError(f"{domain.config_path} does not exist on {p.target}: create the guest first (domain.create)")

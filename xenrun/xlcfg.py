@@ -78,8 +78,8 @@ def settings_of(domain: Domain, disk_entries: list[str], kernel: str | None = No
     S19). ``disk_entries`` are the disk plugins' entries; the ISO is added after
     them. ``kernel``/``ramdisk``/``extra`` replace the spec's (an ISO boot)."""
     pairs: list[tuple[str, object]] = [("name", domain.name)]
-    if domain.type == "hvm":
-        pairs.append(("type", "hvm"))  # builder= is deprecated since xl 4.10
+    if domain.type in ("hvm", "pvh"):
+        pairs.append(("type", domain.type))  # builder= is deprecated since xl 4.10
     if domain.bootloader:
         pairs.append(("bootloader", domain.bootloader))
     for key, value in (("kernel", kernel or domain.kernel), ("ramdisk", ramdisk or domain.ramdisk),
