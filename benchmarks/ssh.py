@@ -100,7 +100,7 @@ def main() -> None:
                   f" round trips: {counts.get('command', 0)} shell requests, {counts.get('sftp_waits', 0)} SFTP waits"
                   f" ({counts.get('sftp', 0)} requests), {counts.get('connect', 0)} connection")
         started = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", "import xenrun.targets.ssh, fabric"], capture_output=True)
+        subprocess.run([sys.executable, "-c", "import xenrun.targets.ssh, fabric"], capture_output=True)
         print(f"(python startup + import of xenrun.targets.ssh and fabric: {time.perf_counter() - started:.3f} s)")
     finally:
         server.stop()

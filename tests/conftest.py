@@ -80,15 +80,25 @@ def site(tmp_path) -> Path:
     return dest
 
 
+def pip_install(package: Path, target: Path) -> Path:
+    """A plugin package installed with pip into ``target`` (for PYTHONPATH)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(package)], check=True, capture_output=True)
+    return target
+
+
 @pytest.fixture(scope="session")
 def sample_plugin(tmp_path_factory) -> Path:
     """The third-party plugin package under tests/plugin_pkg, installed with pip
     into a folder of its own (added to PYTHONPATH of the xenrun processes)."""
-    target = tmp_path_factory.mktemp("sample-plugin")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO / "tests" / "plugin_pkg")], check=True,
-                   capture_output=True)
-    return target
+    return pip_install(REPO / "tests" / "plugin_pkg", tmp_path_factory.mktemp("sample-plugin"))
+
+
+@pytest.fixture(scope="session")
+def toy_boot_plugin(tmp_path_factory) -> Path:
+    """tests/plugin_toyboot: a boot loader the core does not know (ISOLINUX), as a
+    third-party package, installed like sample_plugin."""
+    return pip_install(REPO / "tests" / "plugin_toyboot", tmp_path_factory.mktemp("toy-boot-plugin"))
 
 
 def run_xenrun(*args, cwd=None, env=None, input=None, timeout=120) -> subprocess.CompletedProcess:

@@ -14,11 +14,11 @@ PACKAGE = REPO / "xenrun"
 # From the bottom up; a module imports only from its own layer or those below.
 LAYERS = [
     ("values", {"xenrun", "xenrun.errors", "xenrun.settings", "xenrun.changes", "xenrun.facts", "xenrun.profiles",
-                "xenrun.xlcfg", "xenrun.logs", "xenrun.hookspecs", "xenrun.config", "xenrun.domains",
+                "xenrun.xlcfg", "xenrun.logs", "xenrun.config", "xenrun.domains",
                 "xenrun.netswitch", "xenrun.netconf"}),
-    ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.state", "xenrun.apply"}),
-    ("plugins", {"xenrun.registry", "xenrun.hooks", "xenrun.api", "xenrun.plugins"}),
-    ("flows", {"xenrun.run", "xenrun.guests", "xenrun.fleet", "xenrun.bootcheck", "xenrun.testing",
+    ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.state", "xenrun.apply", "xenrun.bootcheck"}),
+    ("plugins", {"xenrun.registry", "xenrun.hookspecs", "xenrun.hooks", "xenrun.api", "xenrun.plugins"}),
+    ("flows", {"xenrun.run", "xenrun.guests", "xenrun.fleet", "xenrun.testing",
                "xenrun.report"}),
     ("cli", {"xenrun.tasks", "xenrun.domain_tasks", "xenrun.taskhelp", "xenrun.cli", "xenrun.__main__"}),
 ]

@@ -93,3 +93,21 @@ def test_boot_check_refuses_bad_input_before_booting(site):
     (site / "hosts/arch-syslinux/boot/initramfs-linux.img").unlink()
     r = run_xenrun("boot-check", "--config", site / "plugins.toml", "--host", "arch-syslinux")
     assert r.returncode == 2 and "/boot/initramfs-linux.img" in r.stderr and "does not exist" in r.stderr
+
+
+def test_a_toy_boot_plugin_from_a_package_is_driven_by_boot_check(site, debian, toy_boot_plugin, monkeypatch):
+    """tests/plugin_toyboot: one file, a boot loader the core has never heard of
+    (ISOLINUX from an ISO), with its own entry, Loader and image builder."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(toy_boot_plugin), os.environ.get("PYTHONPATH")])))
+    text = (site / "plugins.toml").read_text()
+    (site / "plugins.toml").write_text(text.replace('root = "hosts/arch-syslinux"\nboot = "syslinux"',
+                                                    'root = "hosts/arch-syslinux"\nboot = "isolinux"'))
+    assert 'boot = "isolinux"' in (site / "plugins.toml").read_text()
+    _real_arch(site, "arch-syslinux", debian)
+    r, out = boot_check(site, "arch-syslinux")
+    assert r.returncode == 0 and out["ok"], out["reason"] + out["log"][-3000:]
+    assert out["kind"] == "isolinux" and {"xen started", "dom0 kernel", "hypervisor=xen"} <= set(out["stages"])
+    # a kernel Xen cannot run: the same toy fails the check
+    (site / "hosts/arch-syslinux/boot/vmlinuz-linux").write_bytes(os.urandom(4096))
+    r, out = boot_check(site, "arch-syslinux")
+    assert r.returncode == 1 and not out["ok"] and "hypervisor=xen" not in out["stages"]

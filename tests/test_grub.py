@@ -196,3 +196,15 @@ def test_boot_check_names_missing_tools_and_their_packages(site):
     r = run_xenrun("boot-check", "--config", site / "plugins.toml", "--host", "arch-grub", env={"PATH": "/nonexistent"})
     assert r.returncode == 2
     assert "qemu-system-x86_64 (qemu-system-x86)" in r.stderr and "grub-mkrescue (grub-common)" in r.stderr
+
+
+def test_a_boot_plugins_own_loader_names_its_tools(site, toy_boot_plugin):
+    """The tools come from the plugin's Loader (tests/plugin_toyboot), not a core table."""
+    text = (site / "plugins.toml").read_text()
+    (site / "plugins.toml").write_text(text.replace('root = "hosts/arch-syslinux"\nboot = "syslinux"',
+                                                    'root = "hosts/arch-syslinux"\nboot = "isolinux"'))
+    r = run_xenrun("boot-check", "--config", site / "plugins.toml", "--host", "arch-syslinux",
+                   env={"PATH": "/nonexistent", "PYTHONPATH": str(toy_boot_plugin)})
+    assert r.returncode == 2, r.stderr
+    assert "boot-check (isolinux) needs:" in r.stderr and "xorriso (xorriso)" in r.stderr, r.stderr
+    assert "grub-mkrescue" not in r.stderr and "syslinux (syslinux)" not in r.stderr

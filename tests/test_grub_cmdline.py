@@ -90,7 +90,8 @@ def test_last_assignment_is_the_one_in_force():
 
 def test_every_profiles_file_and_variable_is_read_as_a_fact():
     for profile in PROFILES.values():
-        assert (profile.grub_xen_file, profile.grub_xen_var) in grub.XEN_CMDLINE_VARS
+        layout = grub.LAYOUTS[profile.id]
+        assert (layout.xen_file, layout.xen_var) in grub.XEN_CMDLINE_VARS
 
 
 # -- plans and applied files -------------------------------------------------------------

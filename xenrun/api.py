@@ -11,7 +11,9 @@ like a third-party plugin. The hooks themselves are documented in
   ``EnsureLine``, ``Symlink``, ``CopyFile``, ``RemoveFile``, ``SparseFile``,
   ``RunCommand``; ``Change`` is their base. ``SwitchNetwork``: a network plugin's
   new configuration made live by the core's lockout-safe switch (xenrun.netswitch).
-- ``BootEntry`` (boot_entry), ``DomainDisk`` (create_domain), and the guest values
+- ``BootEntry`` (boot_entry); ``BootImage`` and ``Loader`` (boot_image), with
+  ``bootcheck``, the QEMU harness holding the builtin loaders' image builders and
+  ``LOADERS``; ``DomainDisk`` (create_domain), and the guest values
   hooks receive: ``Domain``, ``DiskSpec``.
 - Settings: ``Setting`` and ``checks`` (the value checks: ``checks.size``,
   ``checks.name``, ``checks.boolean``, ...), for declare_settings.
@@ -33,9 +35,11 @@ like a third-party plugin. The hooks themselves are documented in
 
 from __future__ import annotations
 
+from xenrun import bootcheck
 from xenrun import facts as parsers
 from xenrun import hookimpl, netconf
 from xenrun import settings as checks
+from xenrun.bootcheck import BootImage, Loader
 from xenrun.changes import (BootEntry, Change, CopyFile, EnsureLine, RemoveFile, RunCommand, SparseFile,
                             SwitchNetwork, Symlink, WriteFile)
 from xenrun.config import Host
@@ -52,7 +56,7 @@ __all__ = [
     "hookimpl",
     "Change", "WriteFile", "EnsureLine", "Symlink", "CopyFile", "RemoveFile", "SparseFile", "RunCommand",
     "SwitchNetwork",
-    "BootEntry", "DomainDisk", "Domain", "DiskSpec",
+    "BootEntry", "BootImage", "Loader", "bootcheck", "DomainDisk", "Domain", "DiskSpec",
     "Setting", "checks",
     "PlanError", "TargetError", "note", "warn",
     "Facts", "Probe", "Host", "parsers", "parse_shell_vars", "netconf",

@@ -32,12 +32,15 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 __all__ = [
     "BootFiles",
     "BootResult",
     "KINDS",
+    "LOADERS",
+    "Loader",
+    "BootImage",
     "STAGES",
     "HYPERVISOR_MARKER",
     "build_grub_iso",
@@ -48,9 +51,6 @@ __all__ = [
     "missing_tools",
     "qemu_missing",
 ]
-
-Kind = Literal["grub", "syslinux", "uefi"]
-KINDS: tuple[str, ...] = ("grub", "syslinux", "uefi")
 
 QEMU = "qemu-system-x86_64"
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
@@ -93,23 +93,63 @@ _COMMON_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
 # prints "error: Can't get controller info" without a graphics card and boots
 # anyway, so they fail the boot only if Xen has not started within
 # _LOADER_GRACE_SECONDS.  "Final" ones mean the loader has given up.
-_LOADER_SOFT: dict[str, tuple[re.Pattern[str], ...]] = {
-    "grub": (re.compile(r"\berror: "),),
-    "syslinux": (re.compile(r"Could not find kernel image|not found|[Ff]ailed|Invalid|No files found"),),
-    # xen.efi's loader reports e.g. "Open failed for vmlinuz: Not found".
-    "uefi": (re.compile(r"failed for |Couldn't |Unable to |Not found", re.I),),
-}
-_LOADER_FINAL: dict[str, tuple[re.Pattern[str], ...]] = {
+
+MEDIA = ("cdrom", "disk", "uefi")
+
+
+@dataclass(frozen=True)
+class Loader:
+    """What the harness must know of a boot loader to boot its image and judge its
+    console: ``name`` (in messages), ``media`` how QEMU is handed the image
+    ("cdrom": a BIOS El Torito ISO; "disk": a BIOS hard disk; "uefi": a FAT disk
+    booted by OVMF), the ``soft`` and ``final`` error patterns above, and what
+    building and booting its image ``needs``: (command on PATH or absolute file,
+    Debian package) pairs. A boot plugin defines its own for a loader of its own."""
+
+    name: str
+    media: str
+    soft: tuple[re.Pattern[str], ...] = ()
+    final: tuple[re.Pattern[str], ...] = ()
+    needs: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.media not in MEDIA:
+            raise ValueError(f"Loader {self.name!r}: media {self.media!r} is not one of {', '.join(MEDIA)}")
+        for attr in ("soft", "final"):
+            object.__setattr__(self, attr, tuple(re.compile(rx) if isinstance(rx, str) else rx
+                                                 for rx in getattr(self, attr)))
+
+    def missing(self) -> list[tuple[str, str]]:
+        """The (tool, package) pairs of QEMU and ``needs`` that are absent here."""
+        needs = [(QEMU, "qemu-system-x86"), *self.needs]
+        if self.media == "uefi":
+            needs += [(str(OVMF_CODE), "ovmf"), (str(OVMF_VARS), "ovmf")]
+        return [(tool, pkg) for tool, pkg in needs
+                if not (Path(tool).exists() if tool.startswith("/") else shutil.which(tool))]
+
+
+_FAT_TOOLS = (("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"))
+LOADERS: dict[str, Loader] = {
     # GRUB waits for a key after a menu entry failed; prompts come without a
-    # newline, so these are also matched against the unterminated tail.
-    "grub": (re.compile(r"Press any key to continue"), re.compile(r"^grub> ?$"),
-             re.compile(r"No bootable device|Boot failed")),
-    "syslinux": (re.compile(r"^boot: ?$"), re.compile(r"Boot failed|No bootable device")),
-    "uefi": (re.compile(r"Shell> ?$"), re.compile(r"No bootable option|BdsDxe: failed to load|Access Denied"),
-             # xen.efi returned to the firmware, which falls back to its menu.
-             re.compile(r'BdsDxe: (loading|starting) Boot\w+ "UiApp"')),
+    # newline, so "final" patterns are also matched against the unterminated tail.
+    "grub": Loader(
+        "GRUB", "cdrom", soft=(r"\berror: ",),
+        final=(r"Press any key to continue", r"^grub> ?$", r"No bootable device|Boot failed"),
+        needs=(("grub-mkrescue", "grub-common"), (str(GRUB_PC_DIR / "moddep.lst"), "grub-pc-bin"),
+               ("xorriso", "xorriso"))),
+    "syslinux": Loader(
+        "Syslinux", "disk", soft=(r"Could not find kernel image|not found|[Ff]ailed|Invalid|No files found",),
+        final=(r"^boot: ?$", r"Boot failed|No bootable device"),
+        needs=(("syslinux", "syslinux"), (str(SYSLINUX_BIOS_DIR / "mboot.c32"), "syslinux-common"), *_FAT_TOOLS)),
+    # xen.efi's loader reports e.g. "Open failed for vmlinuz: Not found"; when it
+    # returns to the firmware, OVMF falls back to its menu (UiApp)
+    "uefi": Loader(
+        "UEFI/xen.efi", "uefi", soft=(re.compile(r"failed for |Couldn't |Unable to |Not found", re.I),),
+        final=(r"Shell> ?$", r"No bootable option|BdsDxe: failed to load|Access Denied",
+               r'BdsDxe: (loading|starting) Boot\w+ "UiApp"'),
+        needs=_FAT_TOOLS),
 }
-_LOADER_NAMES = {"grub": "GRUB", "syslinux": "Syslinux", "uefi": "UEFI/xen.efi"}
+KINDS: tuple[str, ...] = tuple(LOADERS)
 _LOADER_GRACE_SECONDS = 4.0
 
 # After a failure line, keep reading briefly: Xen prints the panic reason on
@@ -154,59 +194,51 @@ class BootResult:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class BootImage:
+    """How ``xenrun boot-check`` makes and boots the image of a boot plugin's entry
+    (the boot_image hook): the :class:`Loader` that boots it (its tools are checked
+    before anything is read from the host), and ``build(workdir, files)``, which
+    builds the image in ``workdir`` from ``files`` (path inside the image -> local
+    copy of the host's file) and returns its path."""
+
+    loader: Loader
+    build: Callable[[Path, dict[str, Path]], Path]
+
+    def __post_init__(self):
+        if not isinstance(self.loader, Loader):
+            raise TypeError("BootImage: loader must be a bootcheck.Loader")
+        if not callable(self.build):
+            raise TypeError("BootImage: build must be callable as build(workdir, files) -> image path")
+
+
 # --- tool checks -------------------------------------------------------------
 
-def _tool_table(kind: str) -> list[tuple[str, str, Callable[[], bool]]]:
-    def exe(name: str) -> Callable[[], bool]:
-        return lambda: shutil.which(name) is not None
-
-    def file(path: Path) -> Callable[[], bool]:
-        return path.exists
-
-    table = [(QEMU, "qemu-system-x86", exe(QEMU))]
-    if kind == "grub":
-        table += [
-            ("grub-mkrescue", "grub-common", exe("grub-mkrescue")),
-            (str(GRUB_PC_DIR), "grub-pc-bin", file(GRUB_PC_DIR / "moddep.lst")),
-            ("xorriso", "xorriso", exe("xorriso")),
-        ]
-    elif kind == "syslinux":
-        table += [
-            ("syslinux", "syslinux", exe("syslinux")),
-            (str(SYSLINUX_BIOS_DIR / "mboot.c32"), "syslinux-common", file(SYSLINUX_BIOS_DIR / "mboot.c32")),
-            ("mkfs.vfat", "dosfstools", exe("mkfs.vfat")),
-            ("mcopy", "mtools", exe("mcopy")),
-        ]
-    elif kind == "uefi":
-        table += [
-            (str(OVMF_CODE), "ovmf", file(OVMF_CODE)),
-            (str(OVMF_VARS), "ovmf", file(OVMF_VARS)),
-            ("mkfs.vfat", "dosfstools", exe("mkfs.vfat")),
-            ("mcopy", "mtools", exe("mcopy")),
-        ]
-    else:
-        raise ValueError(f"unknown boot kind {kind!r} (expected one of {', '.join(KINDS)})")
-    return table
+def loader_of(kind: str | Loader) -> Loader:
+    """A builtin loader by name ("grub", "syslinux", "uefi"), or ``kind`` itself."""
+    if isinstance(kind, Loader):
+        return kind
+    if kind not in LOADERS:
+        raise ValueError(f"unknown boot kind {kind!r} (expected one of {', '.join(KINDS)}, or a Loader)")
+    return LOADERS[kind]
 
 
-def missing_tools(kind: str) -> list[str]:
+def missing_tools(kind: str | Loader) -> list[str]:
     """Tools or files needed for ``kind`` that are absent, as "tool (package)"."""
-    return [f"{tool} ({pkg})" for tool, pkg, present in _tool_table(kind) if not present()]
+    return [f"{tool} ({pkg})" for tool, pkg in loader_of(kind).missing()]
 
 
-def qemu_missing(kind: str | None = None) -> str | None:
-    """None if everything to build and boot ``kind`` (all kinds if None) is
+def qemu_missing(kind: str | Loader | None = None) -> str | None:
+    """None if everything to build and boot ``kind`` (all builtin kinds if None) is
     installed, else a message naming the Debian packages to install."""
-    kinds = KINDS if kind is None else (kind,)
+    loaders = LOADERS.values() if kind is None else (loader_of(kind),)
     missing: list[str] = []
     packages: list[str] = []
-    for k in kinds:
-        for tool, pkg, present in _tool_table(k):
-            entry = f"{tool} ({pkg})"
-            if not present() and entry not in missing:
-                missing.append(entry)
-                if pkg not in packages:
-                    packages.append(pkg)
+    for loader in loaders:
+        for tool, pkg in loader.missing():
+            if f"{tool} ({pkg})" not in missing:
+                missing.append(f"{tool} ({pkg})")
+                packages += [pkg] if pkg not in packages else []
     if not missing:
         return None
     return f"missing {', '.join(missing)}; install with: apt-get install {' '.join(packages)}"
@@ -367,7 +399,7 @@ def build_esp_image(workdir: Path, xen_efi: Path, xen_cfg: str, files: dict[str,
 
 def qemu_command(
     image: Path,
-    kind: str,
+    kind: str | Loader,
     workdir: Path,
     *,
     cpu: str = DEFAULT_CPU,
@@ -389,11 +421,12 @@ def qemu_command(
         "-serial", "stdio",
         "-no-reboot",
     ]
-    if kind == "grub":
+    media = loader_of(kind).media
+    if media == "cdrom":
         argv += ["-drive", f"file={image},format=raw,media=cdrom,if=ide,readonly=on", "-boot", "d"]
-    elif kind == "syslinux":
+    elif media == "disk":
         argv += ["-drive", f"file={image},format=raw,if=ide", "-boot", "c"]
-    elif kind == "uefi":
+    else:
         vars_copy = Path(workdir) / "OVMF_VARS.fd"
         # OVMF writes boot entries into VARS; a private copy keeps runs apart.
         shutil.copyfile(OVMF_VARS, vars_copy)
@@ -402,8 +435,6 @@ def qemu_command(
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
             "-drive", f"file={image},format=raw,if=ide",
         ]
-    else:
-        raise ValueError(f"unknown boot kind {kind!r} (expected one of {', '.join(KINDS)})")
     return argv
 
 
@@ -423,7 +454,7 @@ def _clean(line: str) -> str:
 
 def boot(
     image: Path,
-    kind: Kind,
+    kind: str | Loader,
     timeout: float = 180.0,
     progress: Callable[[str], None] | None = None,
     extra_markers: Iterable[str | tuple[str, str]] = (),
@@ -439,8 +470,8 @@ def boot(
 
     ``kind`` says how the image boots: ``"grub"`` (ISO from
     :func:`build_grub_iso`), ``"syslinux"`` (disk from
-    :func:`build_syslinux_image`) or ``"uefi"`` (ESP from
-    :func:`build_esp_image`, booted by OVMF).  ``progress`` is called with
+    :func:`build_syslinux_image`), ``"uefi"`` (ESP from
+    :func:`build_esp_image`, booted by OVMF), or a plugin's own :class:`Loader`.  ``progress`` is called with
     each stage name as it is reached.  ``extra_markers`` are additional
     console substrings to time, given as ``"text"`` (stage named by the text)
     or ``("text", "stage name")``; they never decide success.
@@ -457,13 +488,12 @@ def boot(
     """
     if require not in STAGE_NAMES:
         raise ValueError(f"require must be one of {', '.join(STAGE_NAMES)}")
-    if kind not in KINDS:
-        raise ValueError(f"unknown boot kind {kind!r} (expected one of {', '.join(KINDS)})")
+    loader = loader_of(kind)
     image = Path(image)
     workdir = Path(workdir) if workdir else image.parent
-    argv = qemu_command(image, kind, workdir, cpu=cpu, memory_mb=memory_mb, smp=smp)
+    argv = qemu_command(image, loader, workdir, cpu=cpu, memory_mb=memory_mb, smp=smp)
 
-    watcher = _Watcher(kind, require, extra_markers, progress, follow_fallback)
+    watcher = _Watcher(loader, require, extra_markers, progress, follow_fallback)
     start = time.monotonic()
     proc = subprocess.Popen(
         argv,
@@ -551,9 +581,9 @@ def boot(
 class _Watcher:
     """Turns console lines into stages and a verdict (kept apart from the I/O)."""
 
-    def __init__(self, kind: str, require: str, extra_markers: Iterable[str | tuple[str, str]],
+    def __init__(self, loader: Loader, require: str, extra_markers: Iterable[str | tuple[str, str]],
                  progress: Callable[[str], None] | None, follow_fallback: bool = False) -> None:
-        self.kind, self.require, self.progress = kind, require, progress
+        self.require, self.progress = require, progress
         self.follow_fallback = follow_fallback
         self.keypress = False  # the loader waits for a key (follow_fallback)
         self._answered: set[int] = set()
@@ -561,9 +591,7 @@ class _Watcher:
         for m in extra_markers:
             text, name = (m, m) if isinstance(m, str) else (m[0], m[1])
             self.markers.append((re.compile(re.escape(text)), name))
-        self.soft = _LOADER_SOFT[kind]
-        self.final = _LOADER_FINAL[kind]
-        self.loader = _LOADER_NAMES[kind]
+        self.soft, self.final, self.loader = loader.soft, loader.final, loader.name
         self.log: list[str] = []
         self.marker_seconds: dict[str, float] = {}
         self.stage = ""

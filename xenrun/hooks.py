@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from xenrun import registry
+from xenrun.bootcheck import BootImage
 from xenrun.changes import BootEntry, Change
 from xenrun.config import Host, HostSpec, Site
 from xenrun.errors import PluginFault, UsageError
@@ -42,7 +43,7 @@ log = structlog.get_logger()
 # role -> the hook a plugin chosen for it must implement
 ROLE_HOOK = {"boot": "configure_boot", "network": "configure_network", "disks": "create_domain"}
 # first-result hooks that belong to one role: no other selected plugin may implement them
-ROLE_OWNS = {"configure_boot": "boot", "boot_entry": "boot", "promote_xen": "boot",
+ROLE_OWNS = {"configure_boot": "boot", "boot_entry": "boot", "boot_image": "boot", "promote_xen": "boot",
              "configure_network": "network"}
 
 # (facade, plugin) while a hook runs on this thread: where note() and warn() go
@@ -212,6 +213,12 @@ class HostPlugins:
         if plugin and not isinstance(entry, BootEntry):
             raise self._wrong(plugin, "boot_entry", "a BootEntry", entry)
         return entry
+
+    def boot_image(self, entry: BootEntry) -> BootImage | None:
+        plugin, image = self.first("boot_image", entry=entry)
+        if plugin and not isinstance(image, BootImage):
+            raise self._wrong(plugin, "boot_image", "a BootImage (xenrun.api)", image)
+        return image
 
     def domain_disk(self, facts: Facts, host: Host, domain, disk):
         """(plugin, DomainDisk) of the disk plugin that answers for ``disk``."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from xenrun import hookspec
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from xenrun.bootcheck import BootImage
     from xenrun.changes import BootEntry, Change
     from xenrun.config import Host
     from xenrun.domains import DiskSpec, Domain, DomainDisk
@@ -95,6 +96,22 @@ def boot_entry(facts: Facts, host: Host, xen_options: list[str], linux_options: 
     (boot-check adds a serial console); ``linux_options`` more dom0 kernel options
     (boot-check adds ``console=hvc0``).
     Returns: a BootEntry; None means "not mine".
+    First result wins: the host's one boot plugin answers.
+    """
+
+
+@hookspec(firstresult=True)
+def boot_image(entry: BootEntry) -> BootImage | None:
+    """Say how ``xenrun boot-check`` makes a bootable image of ``entry`` and boots it
+    in QEMU: a BootImage holding the Loader (how QEMU is handed the image, what the
+    loader prints when it fails, the tools it needs) and ``build(workdir, files)``.
+    xenrun.bootcheck has the builders of the builtin loaders (``build_grub_iso``,
+    ``build_syslinux_image``, ``build_esp_image``) and their ``LOADERS``.
+
+    When: only by boot-check, after boot_entry; the Loader's tools are checked
+    before the entry's files are read from the host, then ``build`` is called.
+    Parameters: ``entry`` the BootEntry this host's boot plugin described.
+    Returns: a BootImage; None means "not mine" (``entry.kind`` is another loader's).
     First result wins: the host's one boot plugin answers.
     """
 

@@ -24,14 +24,7 @@ class Profile:
     # services to enable (S12), and those enabled only where the package ships them
     xen_services: tuple[str, ...]
     xen_services_if_shipped: tuple[str, ...]
-    # GRUB (S7): the file holding the hypervisor command line, its variable, and the
-    # command that regenerates grub.cfg
-    grub_cfg: str
-    grub_mkconfig: tuple[str, ...]
-    grub_xen_file: str
-    grub_xen_var: str
-    grub_xen_script: str  # the grub.d script that makes the Xen entries
-    syslinux_modules: str  # folder holding mboot.c32 (S8)
+    # boot loaders' own paths live in their plugins (grub.LAYOUTS, ...)
     xen_efi_glob: str  # where the Xen EFI binary is installed (S9)
     kernel_glob: str
     initramfs_for: str  # format with kernel version suffix, see plugins
@@ -44,10 +37,7 @@ ARCH = Profile(
     # the dom0 helpers of today's Xen: xenstore's dom0 nodes, and qemu serving
     # dom0's own qdisk backends (shipped only when Xen is built with qemu)
     xen_services_if_shipped=("xen-init-dom0.service", "xen-qemu-dom0-disk-backend.service"),
-    grub_cfg="/boot/grub/grub.cfg", grub_mkconfig=("grub-mkconfig", "-o", "/boot/grub/grub.cfg"),
-    grub_xen_file="/etc/xen/grub.conf", grub_xen_var="XEN_HYPERVISOR_CMDLINE",
-    grub_xen_script="/etc/grub.d/09_xen",
-    syslinux_modules="/usr/lib/syslinux/bios", xen_efi_glob="/usr/lib/efi/xen*.efi",
+    xen_efi_glob="/usr/lib/efi/xen*.efi",
     kernel_glob="/boot/vmlinuz-*", initramfs_for="/boot/initramfs-{}.img",
 )
 
@@ -64,10 +54,7 @@ DEBIAN = Profile(
     xen_from_aur=False, refresh_argv=("apt-get", "update"), xl="/usr/sbin/xl",
     xen_services=("xen.service", "xendomains.service"),
     xen_services_if_shipped=(),  # Debian ships neither unit: its xen init script sets dom0 up
-    grub_cfg="/boot/grub/grub.cfg", grub_mkconfig=("update-grub",),
-    grub_xen_file="/etc/default/grub.d/xen.cfg", grub_xen_var="GRUB_CMDLINE_XEN_DEFAULT",
-    grub_xen_script="/etc/grub.d/20_linux_xen",
-    syslinux_modules="/usr/lib/syslinux/modules/bios", xen_efi_glob="/boot/xen*.efi",
+    xen_efi_glob="/boot/xen*.efi",
     kernel_glob="/boot/vmlinuz-*", initramfs_for="/boot/initrd.img-{}",
 )
 

@@ -489,7 +489,11 @@ def boot_check(options: Options, until: str = "kernel", progress=None, timeout: 
         entry = p.plugins.boot_entry(facts, p.host, xen_options, CHECK_LINUX_OPTIONS)
         if entry is None:
             raise UsageError(f"{p.host.name}: boot-check needs a boot plugin (boot = {p.spec.boot!r} in plugins.toml)")
-        missing = bootcheck.missing_tools(entry.kind)
+        image = p.plugins.boot_image(entry)
+        if image is None:
+            raise UsageError(f"{p.host.name}: no selected plugin builds a boot-check image of a {entry.kind!r} entry"
+                             " (the boot_image hook)")
+        missing = bootcheck.missing_tools(image.loader)
         if missing:
             raise UsageError(f"boot-check ({entry.kind}) needs: {', '.join(missing)}")
         with tempfile.TemporaryDirectory(prefix="xenrun-boot-check-") as tmp:
@@ -514,19 +518,11 @@ def boot_check(options: Options, until: str = "kernel", progress=None, timeout: 
                                      entry.config)
             if progress:
                 progress(f"building the {entry.kind} image")
-            if entry.kind == "grub":
-                image = bootcheck.build_grub_iso(work, entry.config, local)
-            elif entry.kind == "syslinux":
-                image = bootcheck.build_syslinux_image(work, entry.config, local)
-            else:
-                prefix = entry.config_path.rsplit("/", 1)[0] + "/"
-                xen_efi = local.pop(prefix + "BOOTX64.EFI")
-                image = bootcheck.build_esp_image(work, xen_efi, entry.config,
-                                                  {k.removeprefix(prefix): v for k, v in local.items()})
+            built = image.build(work, local)
             # the VM must hold the host's dom0_mem and Xen's own share beside it
             dom0 = (p.host.settings["xen"].get("dom0_mem") or 0) >> 20
             memory = max(bootcheck.DEFAULT_MEMORY_MB, dom0 + 512)
-            result = bootcheck.boot(image, entry.kind, timeout=timeout, progress=progress, require=UNTIL[until],
+            result = bootcheck.boot(built, image.loader, timeout=timeout, progress=progress, require=UNTIL[until],
                                     workdir=work, follow_fallback=entry.fallback, memory_mb=memory)
         return BootCheck(p.host.name, entry.kind, result.ok, result.seconds, dict(result.marker_seconds),
                          result.reason, result.log)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import posixpath
 
-from xenrun.api import (hookimpl, checks as check, BootEntry, CopyFile, RunCommand, WriteFile, PlanError,
+from xenrun.api import (hookimpl, checks as check, bootcheck, BootEntry, BootImage, CopyFile, RunCommand, WriteFile, PlanError,
                         boot_files, Setting)
 
 HELPER = "/usr/local/lib/xenrun/efi-xen"
@@ -173,3 +173,16 @@ def boot_entry(facts, host, xen_options, linux_options):
     return BootEntry("uefi", cfg, "EFI/BOOT/BOOTX64.cfg",
                      {"EFI/BOOT/BOOTX64.EFI": files.xen, "EFI/BOOT/vmlinuz": files.kernel,
                       "EFI/BOOT/initrd.img": files.initramfs})
+
+
+@hookimpl
+def boot_image(entry):
+    """An EFI system partition OVMF boots from its removable-media path."""
+    if entry.kind != "uefi":
+        return None
+
+    def build(workdir, files):
+        folder = entry.config_path.rsplit("/", 1)[0] + "/"
+        inside = {path.removeprefix(folder): local for path, local in files.items()}
+        return bootcheck.build_esp_image(workdir, inside.pop("BOOTX64.EFI"), entry.config, inside)
+    return BootImage(bootcheck.LOADERS["uefi"], build)

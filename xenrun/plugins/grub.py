@@ -19,11 +19,12 @@ makes Xen the default after it has been seen to boot. Xen is booted without
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import structlog
 
-from xenrun.api import (hookimpl, checks as check, BootEntry, EnsureLine, RunCommand, WriteFile, PlanError,
-                        parse_shell_vars, boot_files, profile_for, Setting)
+from xenrun.api import (hookimpl, checks as check, bootcheck, BootEntry, BootImage, EnsureLine, RunCommand,
+                        WriteFile, PlanError, parse_shell_vars, boot_files, profile_for, Setting)
 
 log = structlog.get_logger()
 HELPER = "/usr/local/lib/xenrun/grub-xen"
@@ -34,9 +35,27 @@ GRUB_CHECK = ("grub-script-check", "{}")  # for grub.cfg text (boot-check's imag
 # grub-mkconfig sources; Debian's stock copies use backticks and $(...), which
 # grub-script-check rejects, so they are checked as shell
 SHELL_CHECK = ("sh", "-n", "{}")
+GRUB_CFG = "/boot/grub/grub.cfg"
+
+
+@dataclass(frozen=True)
+class GrubLayout:
+    """Where GRUB's Xen pieces live on a distribution (S7): the file holding the
+    hypervisor command line and its variable, and the command that regenerates
+    grub.cfg."""
+
+    xen_file: str
+    xen_var: str
+    mkconfig: tuple[str, ...]
+
+
+# by Profile.id; Arch's 09_xen comes with the xen package, Debian's is GRUB's own
+LAYOUTS = {
+    "arch": GrubLayout("/etc/xen/grub.conf", "XEN_HYPERVISOR_CMDLINE", ("grub-mkconfig", "-o", GRUB_CFG)),
+    "debian": GrubLayout("/etc/default/grub.d/xen.cfg", "GRUB_CMDLINE_XEN_DEFAULT", ("update-grub",)),
+}
 # every (file, variable) _xen_cmdline_file can choose: their current values are facts
-XEN_CMDLINE_VARS = (("/etc/xen/grub.conf", "XEN_HYPERVISOR_CMDLINE"),
-                    ("/etc/default/grub.d/xen.cfg", "GRUB_CMDLINE_XEN_DEFAULT"),
+XEN_CMDLINE_VARS = (*((layout.xen_file, layout.xen_var) for layout in LAYOUTS.values()),
                     (DEFAULT_GRUB, "GRUB_CMDLINE_XEN_DEFAULT"))
 
 # Installed on the host; finds the entries grub-mkconfig made (their titles and ids
@@ -111,7 +130,7 @@ def detect_hardware(probe):
         if len(fields) >= 2 and fields[1] in ("/boot", "/"):
             boot_spec = fields[0] if fields[1] == "/boot" or boot_spec is None else boot_spec
     return {
-        "grub_cfg": probe.text("/boot/grub/grub.cfg"),
+        "grub_cfg": probe.text(GRUB_CFG),
         "grub_separate_boot": any(line.split("#", 1)[0].split()[1:2] == ["/boot"]
                                   for line in (probe.text("/etc/fstab") or "").splitlines()),
         "grub_scripts": probe.listdir("/etc/grub.d"),
@@ -216,11 +235,12 @@ def _env_unwritable(facts) -> str | None:
 def _xen_cmdline_file(facts, profile) -> tuple[str, str, tuple[str, ...]]:
     """(file, variable, validator) holding the hypervisor command line."""
     scripts = facts.grub_scripts
+    layout = LAYOUTS[profile.id]
     if profile.id == "arch" and "09_xen" in scripts:
-        return profile.grub_xen_file, profile.grub_xen_var, SHELL_CHECK
+        return layout.xen_file, layout.xen_var, SHELL_CHECK
     if "20_linux_xen" in scripts:
         if profile.id == "debian":
-            return profile.grub_xen_file, profile.grub_xen_var, SHELL_CHECK
+            return layout.xen_file, layout.xen_var, SHELL_CHECK
         return DEFAULT_GRUB, "GRUB_CMDLINE_XEN_DEFAULT", SHELL_CHECK
     raise PlanError("no GRUB script makes Xen entries (/etc/grub.d/09_xen from the xen package, or GRUB's own"
                     f" 20_linux_xen); found: {', '.join(scripts) or 'no /etc/grub.d'}")
@@ -235,16 +255,16 @@ def configure_boot(facts, host, xen_options):
     path, var, validate = _xen_cmdline_file(facts, profile)
     changes = [EnsureLine(path, _xen_cmdline(facts, path, var, xen_options), replace=rf"^\s*#?\s*{var}=",
                           validate=validate, step="S7", why="the Xen command line (S14 settings)")]
-    if path == profile.grub_xen_file and profile.id == "debian":
+    if path == LAYOUTS[profile.id].xen_file and profile.id == "debian":
         changes.append(EnsureLine(path, "XEN_OVERRIDE_GRUB_DEFAULT=0", replace=r"^(?:#\s*)?XEN_OVERRIDE_GRUB_DEFAULT=",  # top level only: never Debian's if block
                                   validate=validate, step="S10", why="keep Linux the default until Xen has booted"))
     changes.append(EnsureLine(DEFAULT_GRUB, "GRUB_DEFAULT=saved", replace=r"^\s*#?\s*GRUB_DEFAULT=",
                               validate=SHELL_CHECK, step="S10", why="boot the saved entry (Linux until promoted)"))
     changes.append(WriteFile(HELPER, HELPER_SCRIPT, mode=0o755, step="S10", why="finds GRUB's Xen and Linux entries"))
-    changes.append(RunCommand(profile.grub_mkconfig, onchange=(path, DEFAULT_GRUB), writes=(profile.grub_cfg,),
-                              unless=(HELPER, "has-xen", profile.grub_cfg), step="S7",
+    changes.append(RunCommand(LAYOUTS[profile.id].mkconfig, onchange=(path, DEFAULT_GRUB), writes=(GRUB_CFG,),
+                              unless=(HELPER, "has-xen", GRUB_CFG), step="S7",
                               why="regenerate grub.cfg with the Xen entries"))
-    changes.append(RunCommand((HELPER, "keep-linux", profile.grub_cfg), onchange=(DEFAULT_GRUB,), writes=(GRUBENV,),
+    changes.append(RunCommand((HELPER, "keep-linux", GRUB_CFG), onchange=(DEFAULT_GRUB,), writes=(GRUBENV,),
                               step="S10", why="save the Linux entry as the default"))
     if host.settings["grub"]["once"] and not facts.xen_dom0:
         unwritable = _env_unwritable(facts)
@@ -252,16 +272,16 @@ def configure_boot(facts, host, xen_options):
             raise host.setting_error("grub", "once", f"/boot/grub/grubenv is on {unwritable} (LVM or RAID), which GRUB"
                                      " cannot write, so grub-reboot cannot boot Xen once; set once = false and"
                                      " choose the Xen entry at the GRUB menu")
-        changes.append(RunCommand((HELPER, "once", profile.grub_cfg), onchange=(path,), writes=(GRUBENV,),
+        changes.append(RunCommand((HELPER, "once", GRUB_CFG), onchange=(path,), writes=(GRUBENV,),
                                   step="S10", why="boot Xen at the next boot only; a failure falls back to Linux"))
     return changes
 
 
 @hookimpl
 def promote_xen(facts, host):
-    profile = profile_for(facts)
-    return [RunCommand((HELPER, "promote", profile.grub_cfg), writes=(GRUBENV,),
-                       unless=(HELPER, "promoted", profile.grub_cfg),
+    profile_for(facts)  # a distribution xenrun does not know is refused here too
+    return [RunCommand((HELPER, "promote", GRUB_CFG), writes=(GRUBENV,),
+                       unless=(HELPER, "promoted", GRUB_CFG),
                        step="S10", why="Xen booted: make it the default")]
 
 
@@ -338,3 +358,11 @@ def boot_entry(facts, host, xen_options, linux_options):
     paths.update({"fallback/vmlinuz": files.kernel, "fallback/initrd.img": files.initramfs})
     config = "set timeout=0\nset default=0\nset fallback=1\ninsmod gzio\n" + entry + fallback
     return BootEntry("grub", config, "boot/grub/grub.cfg", paths, fallback=True, validate=GRUB_CHECK)
+
+
+@hookimpl
+def boot_image(entry):
+    """A BIOS GRUB rescue ISO (grub-mkrescue) holding the entry's grub.cfg."""
+    if entry.kind == "grub":
+        return BootImage(bootcheck.LOADERS["grub"],
+                         lambda workdir, files: bootcheck.build_grub_iso(workdir, entry.config, files))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import posixpath
 import re
 
-from xenrun.api import (hookimpl, warn, checks as check, BootEntry, CopyFile, EnsureLine, RunCommand, WriteFile,
+from xenrun.api import (hookimpl, warn, checks as check, bootcheck, BootEntry, BootImage, CopyFile, EnsureLine, RunCommand, WriteFile,
                         PlanError, boot_files, Setting)
 
 CFG = "/boot/syslinux/syslinux.cfg"
@@ -146,3 +146,11 @@ def boot_entry(facts, host, xen_options, linux_options):
     block = xen_entry("xen", xen, xen_options, kernel, options + list(linux_options), initramfs, path=inside.__getitem__)
     config = "DEFAULT xen\nPROMPT 0\nTIMEOUT 1\n" + block
     return BootEntry("syslinux", config, "syslinux.cfg", files)
+
+
+@hookimpl
+def boot_image(entry):
+    """A FAT disk made bootable by ``syslinux --install``, syslinux.cfg at its root."""
+    if entry.kind == "syslinux":
+        return BootImage(bootcheck.LOADERS["syslinux"],
+                         lambda workdir, files: bootcheck.build_syslinux_image(workdir, entry.config, files))
