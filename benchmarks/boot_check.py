@@ -20,8 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import boot_sites  # noqa: E402
-import xenpkgs  # noqa: E402
+from support import boot_sites, xenpkgs  # noqa: E402
 
 PATHS = {"grub": ("debian-grub", None), "syslinux": ("arch-syslinux", False), "uefi": ("arch-uefi", True)}
 REFERENCE = {"grub": 28, "syslinux": 21, "uefi": 63}

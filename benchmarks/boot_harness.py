@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "vm")]
 
 from xenrun import bootcheck  # noqa: E402
-import xenpkgs  # noqa: E402
+from support import xenpkgs  # noqa: E402
 from test_bootcheck_qemu import build  # noqa: E402  (same configs as the tests)
 
 SEGMENTS = (

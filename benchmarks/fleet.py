@@ -5,7 +5,7 @@ plain Fabric script. Every figure is a whole process, start to exit.
 
 The "hosts" are folders under /tmp/xenrun-bench/hosts (copies of the example
 machine arch-grub, with busybox for the commands), all served by one OpenSSH
-server on 127.0.0.1 (tests/sshd.py, key auth, root). xenrun gets each folder as
+server on 127.0.0.1 (tests/support/sshd.py, key auth, root). xenrun gets each folder as
 its host's ``root`` in plugins.toml (commands run there with chroot); the other
 tools have no root prefix, so their job's paths start with the folder.
 
@@ -39,8 +39,9 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO / "tests"), str(HERE)]
 
 import job  # noqa: E402
-import sshd as sshd_helper  # noqa: E402
-from conftest import EXAMPLES, add_busybox  # noqa: E402
+
+from support import sshd as sshd_helper  # noqa: E402
+from support.helpers import EXAMPLES, add_busybox  # noqa: E402
 
 WORK = Path("/tmp/xenrun-bench")
 VENV = REPO / ".cache" / "bench-venv"

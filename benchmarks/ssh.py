@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from sshd import start_sshd  # noqa: E402
+from support.sshd import start_sshd  # noqa: E402
 
 
 def exec_cost(server, command: str, n: int = 5) -> float:

@@ -2,7 +2,7 @@
 
 Run from the repository root:  python benchmarks/xenhost.py [--lvm] [--keep DIR] [--timeout S]
 
-Uses the same harness and PV config as tests/test_xenhost_qemu.py (file: disk
+Uses the same harness and PV config as tests/vm/test_xenhost_qemu.py (file: disk
 and a vif on xenbr0; --lvm: a logical volume on a second virtual disk).
 Figures only; nothing is asserted.
 """
@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "vm")]
 
-import xenhost  # noqa: E402
-import xenpkgs  # noqa: E402
 from test_xenhost_qemu import FILE_DISK, LV_MB, MAC, MAKE_IMAGE, pv_config  # noqa: E402
+
+from support import xenhost, xenpkgs  # noqa: E402
 
 SEGMENTS = (
     ("firmware+Xen until dom0 kernel", None, "dom0 kernel"),

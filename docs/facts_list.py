@@ -1,6 +1,6 @@
 """Print the facts list of docs/plugins.md from the code: the facts the builtin
 plugins' detect_hardware hooks give for the example hosts, with their type and
-arch-grub's value. tests/test_guide.py fails when the doc's list differs.
+arch-grub's value. tests/plugins/test_guide.py fails when the doc's list differs.
 
     python docs/facts_list.py            # the list, as the doc holds it
 """

@@ -11,7 +11,7 @@
   with restrict=on, SSH forwarded to 127.0.0.1 only and the repository forwarded
   in, the serial console in a log file; reboots, waits for SSH, always kills QEMU.
 - ``scenario``: the article end to end with the real ``xenrun`` command; run by
-  tests/test_e2e.py and by ``invoke e2e`` (``python -m e2e`` with tests/ on the
+  tests/vm/test_e2e.py and by ``invoke e2e`` (``python -m e2e`` with tests/ on the
   path) for a person to watch.
 
 Not a test module: nothing here is collected by pytest.

@@ -1,6 +1,6 @@
 """The article end to end on the emulated machine, driven over SSH (issue 6).
 
-Run by tests/test_e2e.py and by ``invoke e2e`` (``python -m e2e``), printing one
+Run by tests/vm/test_e2e.py and by ``invoke e2e`` (``python -m e2e``), printing one
 timestamped line per step; everything else (each xenrun command's output, the
 serial console) goes to files in the work folder, named in the log.
 
@@ -305,8 +305,7 @@ ip = "{BRIDGE_IP}"
         (Debian's kernel, a busybox initramfs that reports the disks and NICs the
         guest sees, then stays up until shut down), and a volume group on the
         machine's second disk for the LVM guest. domains.toml beside plugins.toml."""
-        import xenhost
-        import xenpkgs
+        from support import xenhost, xenpkgs
         pkgs = xenpkgs.fetch()
         initrd = xenhost.build_guest_initramfs(self.workdir / "guest-initrd.gz", pkgs, wait_seconds=120, end="stay")
         self.vm.put(Path(pkgs["vmlinuz"]), xenhost.GUEST_KERNEL)
