@@ -57,3 +57,10 @@ def toy_boot_plugin(tmp_path_factory) -> Path:
     """tests/plugin_toyboot: a boot loader the core does not know (ISOLINUX), as a
     third-party package, installed like sample_plugin."""
     return pip_install(REPO / "tests" / "plugin_toyboot", tmp_path_factory.mktemp("toy-boot-plugin"))
+
+
+@pytest.fixture(scope="session")
+def toy_disk_plugin(tmp_path_factory) -> Path:
+    """tests/plugin_toydisk: a disk backend the core does not know (qcow2 images), as
+    a third-party package, installed like sample_plugin."""
+    return pip_install(REPO / "tests" / "plugin_toydisk", tmp_path_factory.mktemp("toy-disk-plugin"))

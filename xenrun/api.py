@@ -12,11 +12,13 @@ like a third-party plugin. The hooks themselves are documented in
   ``RunCommand``; ``Change`` is their base. ``SwitchNetwork``: a network plugin's
   new configuration made live by the core's lockout-safe switch (xenrun.netswitch).
 - ``BootEntry`` (boot_entry); ``BootImage`` and ``Loader`` (boot_image), with
-  ``bootcheck``, the QEMU harness holding the builtin loaders' image builders and
-  ``LOADERS``; ``DomainDisk`` (create_domain), and the guest values
+  ``bootcheck``, the QEMU harness holding the builtin loaders' ``LOADERS``, and
+  ``bootimages``, their image builders (``bootimages.build_grub_iso`` ...);
+  ``DomainDisk`` (create_domain), and the guest values
   hooks receive: ``Domain``, ``DiskSpec``.
 - Settings: ``Setting`` and ``checks`` (the value checks: ``checks.size``,
-  ``checks.name``, ``checks.boolean``, ...), for declare_settings.
+  ``checks.name``, ``checks.boolean``, ...), for declare_settings and
+  declare_disk_keys.
 - ``PlanError``: raise it when a plugin cannot plan for this host (one line, exit 2,
   nothing touched). ``Host.setting_error`` makes the error for a setting's value.
   Any other exception in a hook is reported as the plugin's fault (exit 3).
@@ -35,7 +37,7 @@ like a third-party plugin. The hooks themselves are documented in
 
 from __future__ import annotations
 
-from xenrun import bootcheck
+from xenrun import bootcheck, bootimages
 from xenrun import facts as parsers
 from xenrun import hookimpl, netconf
 from xenrun import settings as checks
@@ -56,7 +58,7 @@ __all__ = [
     "hookimpl",
     "Change", "WriteFile", "EnsureLine", "Symlink", "CopyFile", "RemoveFile", "SparseFile", "RunCommand",
     "SwitchNetwork",
-    "BootEntry", "BootImage", "Loader", "bootcheck", "DomainDisk", "Domain", "DiskSpec",
+    "BootEntry", "BootImage", "Loader", "bootcheck", "bootimages", "DomainDisk", "Domain", "DiskSpec",
     "Setting", "checks",
     "PlanError", "TargetError", "note", "warn",
     "Facts", "Probe", "Host", "parsers", "parse_shell_vars", "netconf",

@@ -171,6 +171,9 @@ class Site:
             except ValueError as e:
                 raise self.error(origin[key], str(e)) from None
         for key, setting in declared.items():
+            if setting.required and key not in clean:
+                raise self.error(("plugin", plugin), f"{key} is missing: plugin {plugin!r} needs it"
+                                                     f" ({setting.help or 'no help given'})")
             clean.setdefault(key, setting.default)
         return clean
 

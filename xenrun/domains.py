@@ -1,13 +1,13 @@
-"""Guests (domU): domain specs in domains.toml, checked before anything runs, and the
-guest media xenrun reads without mounting (an ISO's label and files, a guest disk's
-mkinitcpio.conf).
+"""Guests (domU): domain specs in domains.toml, checked before anything runs (the
+guest media xenrun reads without mounting are in xenrun.guestmedia).
 
 Shape of domains.toml (beside plugins.toml; see examples/domains.toml)::
 
     [defaults]                 any domain key, for every domain below
     [domain.NAME]              one guest: type = "pv" | "pvh" | "hvm", memory, vcpus, host(s),
                                iso, kernel/ramdisk/extra, bootloader, iso_boot, autostart
-    [[domain.NAME.disks]]      backend = "image" | "lvm" | "phy", size, vdev, ...
+    [[domain.NAME.disks]]      backend (a disk plugin: image, lvm ...; or "phy"), vdev, access,
+                               and the keys its plugin declares (size, path, vg ...)
     [[domain.NAME.vif]]        bridge, mac
     [domain.NAME.vnc]          HVM display: listen, display, password
 
@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import random
 import re
-import struct
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -30,18 +27,14 @@ from typing import Any, Callable
 from xenrun import settings as check
 from xenrun.config import KeyLines, parse_toml
 from xenrun.errors import ConfigError
+from xenrun.settings import Setting
 
 XEN_OUI = "00:16:3e"  # the MAC block reserved for Xen guests (S17)
 DEFAULT_BRIDGE = "xenbr0"
 DEFAULT_BOOT_DIR = "/var/lib/xen/boot"
 CONFIG_DIR = "/etc/xen"
 AUTO_DIR = "/etc/xen/auto"
-BACKENDS = ("image", "lvm", "phy")
-# where Arch ISOs keep the PV kernel and initramfs: the article's (2013) names first,
-# then today's; the first one the ISO holds is used
-ISO_KERNELS = ("/arch/boot/x86_64/vmlinuz", "/arch/boot/x86_64/vmlinuz-linux")
-ISO_RAMDISKS = ("/arch/boot/x86_64/archiso.img", "/arch/boot/x86_64/initramfs-linux.img")
-GUEST_MODULES = ("xen-blkfront", "xen-fbfront", "xen-netfront", "xen-kbdfront")  # S20
+PHY = "phy"  # an existing device of the host's: the core's own backend, no plugin
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _VDEV = re.compile(r"(?:xvd|sd|hd|vd)[a-z]{1,2}[0-9]{0,2}")
@@ -53,7 +46,10 @@ DOMAIN_KEYS = ("host", "type", "memory", "vcpus", "disks", "vif", "iso", "iso_vd
                "extra", "bootloader", "iso_boot", "iso_kernel", "iso_ramdisk", "vnc", "allow_open_vnc",
                "autostart", "boot_dir")
 MAX_DISKS = 16  # xvda..xvdp: beyond, xl and the guest's kernel name disks in ways plans cannot tell apart
-DISK_KEYS = ("backend", "size", "vdev", "path", "vg", "lv", "device", "grow", "access")
+# the keys of every disk; a disk plugin declares the others (declare_disk_keys), and
+# they are checked when the guest is planned, once the plugins are loaded
+DISK_KEYS = ("backend", "vdev", "access")
+PHY_KEYS = ("device",)
 VIF_KEYS = ("bridge", "mac")
 VNC_KEYS = ("listen", "display", "password")
 
@@ -63,18 +59,18 @@ VNC_KEYS = ("listen", "display", "password")
 @dataclass(frozen=True)
 class DiskSpec:
     """One guest disk. ``backend`` names the plugin that makes it (image, lvm) or
-    "phy" for an existing device; ``key`` is its place in domains.toml (for errors)."""
+    "phy" for an existing device. ``options`` holds the keys its plugin declares
+    (declare_disk_keys): as written in domains.toml until the guest is planned, then
+    checked, with the plugin's defaults filled in (``with_disk_keys``). ``key`` is
+    the disk's name in errors ("disks.0"), ``where`` its TOML path (for the line)."""
 
     backend: str
     vdev: str
-    size: int | None = None
-    path: str | None = None  # image: the file (default: the image plugin's folder)
-    vg: str | None = None  # lvm: the volume group (default: the lvm plugin's vg)
-    lv: str | None = None  # lvm: the volume's name (default: NAME or NAME-VDEV)
     device: str | None = None  # phy: an existing block device or partition
-    grow: bool = False  # image: grow an existing, smaller image
     access: str = "w"
+    options: dict = field(default_factory=dict)
     key: str = ""
+    where: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -142,20 +138,32 @@ class Domain:
             return ConfigError("<domain>", f"domain.{self.name}.{key}", message)
         return self.source.error(("domain", self.name) + tuple(key.split(".")), message)
 
+    def disk_error(self, disk: DiskSpec, key: str, message: str) -> ConfigError:
+        """The file:line error for ``key`` of one of the guest's disks ("" for the disk
+        itself), found where the disk was written (its domain, or [defaults])."""
+        if self.source is None or not disk.where:
+            return self.error(f"{disk.key}.{key}" if key else disk.key, message)
+        return self.source.error(disk.where + ((key,) if key else ()), message)
+
 
 @dataclass(frozen=True)
 class DomainDisk:
     """What a disk plugin answers for one disk (create_domain): the Changes that
-    make the disk, the xl ``disk=`` entry, and notes for the plan (such as "free
-    space unknown")."""
+    make the disk, the xl ``disk=`` entry, notes for the plan (such as "free
+    space unknown"), and ``remove``: the argv that removes the disk for
+    ``domain.delete --purge`` (empty: the plugin never removes its disks)."""
 
     changes: tuple = ()
     entry: str = ""
     notes: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "changes", tuple(self.changes))
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "remove", tuple(self.remove))
+        if not all(isinstance(a, str) and a for a in self.remove):
+            raise ValueError(f"DomainDisk: remove must be an argv of non-empty strings, got {self.remove!r}")
         if not self.entry or "'" in self.entry or '"' in self.entry or "\n" in self.entry:
             raise ValueError(f"DomainDisk: entry must be a non-empty xl disk spec without quotes, got {self.entry!r}")
 
@@ -351,40 +359,58 @@ def _disks(src: DomainFile, name: str, raw, where: tuple[str, ...]) -> tuple[Dis
                 return fn(item[key])
             except ValueError as e:
                 raise src.error(at + (key,), str(e)) from None
-        for key in item:
-            if key not in DISK_KEYS:
-                raise src.error(at + (key,), f"unknown disk key (known: {', '.join(DISK_KEYS)})")
-        backend = get("backend", check.choice(*BACKENDS), "image")
+        backend = get("backend", check.name, "image")
         vdev = get("vdev", _vdev) or _next_vdev([d.vdev for d in out])
         if vdev in [d.vdev for d in out]:
             raise src.error(at + ("vdev",), f"{vdev} is already another disk's vdev")
-        size = get("size", check.size)
-        allowed = {"image": {"size", "path", "grow"}, "lvm": {"size", "vg", "lv"}, "phy": {"device"}}[backend]
-        for key in ("size", "path", "grow", "vg", "lv", "device"):
-            if key in item and key not in allowed:
-                raise src.error(at + (key,), f"not a key of a {backend!r} disk (its keys: {', '.join(sorted(allowed))})")
-        if backend in ("image", "lvm") and size is None:
-            raise src.error(at, f"size is missing: an {backend} disk needs a size such as \"10G\"")
-        if backend == "phy" and "device" not in item:
-            raise src.error(at, "device is missing: a phy disk is an existing device such as \"/dev/sdb1\"")
-        lv = get("lv", check.name)
-        if backend == "lvm" and lv is None:
-            lv = name if not out else f"{name}-{vdev}"
-        out.append(DiskSpec(
-            backend=backend, vdev=vdev, size=size, path=get("path", _disk_path), vg=get("vg", check.name),
-            lv=lv, device=get("device", check.absolute_path), grow=get("grow", check.boolean, False),
-            access=get("access", check.choice("w", "r"), "w"),
-            key=f"disks.{i}"))
+        access = get("access", check.choice("w", "r"), "w")
+        device = None
+        if backend == PHY:
+            for key in item:
+                if key not in DISK_KEYS + PHY_KEYS:
+                    raise src.error(at + (key,), f"not a key of a {PHY!r} disk (its keys: "
+                                                 f"{', '.join(DISK_KEYS + PHY_KEYS)})")
+            if "device" not in item:
+                raise src.error(at, "device is missing: a phy disk is an existing device such as \"/dev/sdb1\"")
+            device = get("device", check.absolute_path)
+        elif "device" in item:
+            raise src.error(at + ("device",), f"only a {PHY!r} disk has a device (backend = \"phy\"); a"
+                                              f" {backend!r} disk is made by its plugin")
+        options = {k: v for k, v in item.items() if k not in DISK_KEYS}
+        out.append(DiskSpec(backend=backend, vdev=vdev, device=device, access=access, options=options,
+                            key=f"disks.{i}", where=at))
     return tuple(out)
 
 
-def _disk_path(value) -> str:
-    """An image's own path: absolute, and nothing xl's disk spec would read as a
-    separator or a quote."""
-    path = check.absolute_path(value)
-    if any(c in path for c in ",'\" \t") or path.endswith("/"):
-        raise ValueError(f"{path!r} cannot be a disk image's path: no commas, quotes, spaces or trailing '/'")
-    return path
+def with_disk_keys(domain: Domain, declared: dict[str, dict[str, Setting]]) -> Domain:
+    """``domain`` with the options of its plugin disks checked against the keys their
+    plugins declare (``declared``: backend -> {key: Setting}) and their defaults
+    filled in. An unknown key, a bad value or a missing required key is a file:line
+    error naming the key, raised before anything runs."""
+    disks = []
+    for disk in domain.disks:
+        if disk.backend == PHY:
+            disks.append(disk)
+            continue
+        keys = declared.get(disk.backend, {})
+        for key in disk.options:
+            if key not in keys:
+                known = ", ".join(DISK_KEYS + tuple(keys))
+                raise domain.disk_error(disk, key, f"not a key of a {disk.backend!r} disk (its keys: {known})")
+        options = {}
+        for key, setting in keys.items():
+            if key not in disk.options:
+                if setting.required:
+                    raise domain.disk_error(disk, "", f"{key} is missing: a {disk.backend} disk needs {key}"
+                                                      + (f" ({setting.help})" if setting.help else ""))
+                options[key] = setting.default
+                continue
+            try:
+                options[key] = setting.check(disk.options[key])
+            except ValueError as e:
+                raise domain.disk_error(disk, key, str(e)) from None
+        disks.append(replace(disk, options=options))
+    return replace(domain, disks=tuple(disks))
 
 
 def _vifs(src: DomainFile, name: str, raw, where: tuple[str, ...]) -> tuple[Vif, ...]:
@@ -442,7 +468,7 @@ def _vnc(src: DomainFile, raw, where: tuple[str, ...], allow_open: bool) -> Vnc:
 
 def _check_unique(src: DomainFile, domains: list[Domain]) -> None:
     """Per host: names (TOML already refuses a table twice; case-folded here, since
-    file systems and LVM may fold), MACs, VNC displays, image paths and LVs."""
+    file systems and LVM may fold), MACs, VNC displays and phy devices."""
     seen: dict[str, str] = {}
     for d in domains:
         folded = d.name.lower()
@@ -461,10 +487,9 @@ def _check_unique(src: DomainFile, domains: list[Domain]) -> None:
                 raise a.error("vnc.display", f"display {a.vnc.display} is also domain {b.name!r}'s (port 590N)")
             for j, disk in enumerate(a.disks):
                 for other in b.disks:
-                    same = ((disk.path and disk.path == other.path) or
-                            (disk.device and disk.device == other.device) or
-                            (disk.backend == other.backend == "lvm" and disk.lv == other.lv and disk.vg == other.vg))
-                    if same:
+                    # plugin disks are compared when the guest is planned, by the path its
+                    # plugin gives (guests.plan_create)
+                    if disk.device and disk.device == other.device:
                         raise a.error(f"disks.{j}", f"the same disk as domain {b.name!r}'s")
     for d in domains:
         macs = [v.mac for v in d.vifs if v.mac not in ("", "random")]
@@ -558,198 +583,3 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
-
-
-# -- ISO 9660: the label and files of an installation ISO, without mounting ---------------
-
-SECTOR = 2048
-
-
-class Iso9660:
-    """Reads an ISO 9660 image through ``read_at(offset, length) -> bytes``.
-    Names are matched through Rock Ridge (NM) when present, else through the plain
-    ISO name (upper case, ";1" dropped), case-insensitively."""
-
-    def __init__(self, read_at: Callable[[int, int], bytes]):
-        self.read_at = read_at
-        pvd = read_at(16 * SECTOR, SECTOR)
-        if len(pvd) < SECTOR or pvd[0] != 1 or pvd[1:6] != b"CD001":
-            raise ValueError("not an ISO 9660 image (no primary volume descriptor at sector 16)")
-        self.pvd = pvd
-
-    @property
-    def label(self) -> str:
-        """The volume identifier (bytes 40..72 of the primary volume descriptor):
-        what archiso puts in archisolabel=."""
-        return self.pvd[40:72].decode("ascii", errors="replace").strip()
-
-    def _records(self, extent: int, length: int):
-        data = self.read_at(extent * SECTOR, length)
-        pos = 0
-        while pos < len(data):
-            size = data[pos]
-            if size == 0:  # records never cross a sector: skip to the next one
-                pos = (pos // SECTOR + 1) * SECTOR
-                continue
-            rec = data[pos:pos + size]
-            pos += size
-            if len(rec) < 34:
-                break
-            name_len = rec[32]
-            raw = rec[33:33 + name_len]
-            if raw in (b"\x00", b"\x01"):
-                continue  # . and ..
-            use = rec[33 + name_len + (1 - name_len % 2):]
-            name = _rock_ridge_name(use) or raw.decode("ascii", errors="replace").split(";")[0].rstrip(".")
-            yield name, struct.unpack_from("<I", rec, 2)[0], struct.unpack_from("<I", rec, 10)[0], bool(rec[25] & 2)
-
-    def find(self, path: str) -> tuple[int, int] | None:
-        """(offset, size) in bytes of the file at ``path`` inside the ISO, or None."""
-        root = self.pvd[156:156 + 34]
-        extent, length, is_dir = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0], True
-        for part in [p for p in path.split("/") if p]:
-            if not is_dir:
-                return None
-            for name, ext, size, folder in self._records(extent, length):
-                if name.lower() == part.lower():
-                    extent, length, is_dir = ext, size, folder
-                    break
-            else:
-                return None
-        return None if is_dir else (extent * SECTOR, length)
-
-    def read(self, path: str) -> bytes | None:
-        found = self.find(path)
-        return None if found is None else self.read_at(*found)
-
-
-def _rock_ridge_name(use: bytes) -> str | None:
-    """The NM (alternate name) entry of a record's System Use area, if any."""
-    pos, parts = 0, []
-    while pos + 4 <= len(use):
-        sig, length = use[pos:pos + 2], use[pos + 2]
-        if length < 4:
-            break
-        if sig == b"NM":
-            flags = use[pos + 4]
-            if flags & 0x06:  # "." or ".." names
-                return None
-            parts.append(use[pos + 5:pos + length].decode("utf-8", errors="replace"))
-            if not flags & 0x01:  # no continuation
-                break
-        elif sig == b"ST":
-            break
-        pos += length
-    return "".join(parts) or None
-
-
-def iso_reader(target, path: str) -> Iso9660:
-    """An Iso9660 over a file of the target. On a local target (the machine or a
-    --root folder) only the sectors needed are read; elsewhere the whole file."""
-    host_path = target.local_path(path)
-    if host_path is not None:
-
-        def read_at(offset: int, length: int) -> bytes:
-            with open(host_path, "rb") as f:
-                f.seek(offset)
-                return f.read(length)
-        return Iso9660(read_at)
-    data = target.read(path)
-    if data is None:
-        raise FileNotFoundError(path)
-    return Iso9660(lambda offset, length: data[offset:offset + length])
-
-
-def archiso_extra(label: str) -> str:
-    """The kernel line the article gives a PV install from an Arch ISO (S19)."""
-    return f"archisobasedir=arch archisolabel={label}"
-
-
-# -- the guest's own disk: its mkinitcpio.conf, without mounting (S20, S26) ----------------
-
-def mkinitcpio_missing(text: str) -> list[str]:
-    """The Xen front-end modules (S20) the MODULES=(...) line of a guest's
-    mkinitcpio.conf lacks. Comments ignored; the last MODULES line wins."""
-    modules: list[str] = []
-    joined = re.sub(r"#[^\n]*", "", text)
-    for m in re.finditer(r"^\s*MODULES\s*=\s*(\(([^)]*)\)|\"([^\"]*)\"|'([^']*)'|(\S*))", joined, re.M):
-        body = next(g for g in m.groups()[1:] if g is not None)
-        modules = [w.strip("\"'") for w in body.split()]
-    have = {m.replace("_", "-") for m in modules}
-    return [m for m in GUEST_MODULES if m not in have]
-
-
-def partition_offsets(head: bytes) -> list[int]:
-    """Byte offsets of the partitions of a disk image, from its MBR or GPT (first
-    34 sectors); [0] when it has no partition table (a bare filesystem)."""
-    if len(head) >= 1024 and head[512:520] == b"EFI PART":
-        start, count, size = struct.unpack_from("<QII", head, 512 + 72)
-        offsets = []
-        for i in range(min(count, 128)):
-            pos = start * 512 + i * size
-            if pos + 48 > len(head):
-                break
-            if head[pos:pos + 16] != b"\0" * 16:
-                offsets.append(struct.unpack_from("<Q", head, pos + 32)[0] * 512)
-        return offsets or [0]
-    if len(head) >= 512 and head[510:512] == b"\x55\xaa":
-        offsets = []
-        for i in range(4):
-            entry = head[446 + 16 * i:462 + 16 * i]
-            kind, lba = entry[4], struct.unpack_from("<I", entry, 8)[0]
-            if kind and lba and kind not in (0x05, 0x0F, 0x85, 0xEE):
-                offsets.append(lba * 512)
-        return offsets or [0]
-    return [0]
-
-
-def read_guest_file(image: str | Path, path: str) -> bytes | None:
-    """A file of the guest's ext2/3/4 root filesystem inside a disk image on this
-    machine, read with debugfs (e2fsprogs): no mount, no root needed. None when no
-    partition of the image holds it (or debugfs is missing)."""
-    try:
-        with open(image, "rb") as f:
-            head = f.read(34 * 512)
-    except OSError:
-        return None
-    for offset in partition_offsets(head):
-        spec = f"{image}?offset={offset}" if offset else str(image)
-        try:
-            p = subprocess.run(["debugfs", "-R", f"cat {path}", spec], capture_output=True, timeout=60,
-                               env={**os.environ, "LC_ALL": "C"})
-        except (FileNotFoundError, subprocess.TimeoutExpired):
-            return None
-        # debugfs prints errors on stderr and exits 0; an empty stdout means "not there"
-        if p.returncode == 0 and p.stdout and b"File not found" not in p.stderr:
-            return p.stdout
-    return None
-
-
-def guest_notes(domain: Domain, images: list[str], read=read_guest_file) -> list[str]:
-    """S20/S26: what the guest itself still needs, for the disks xenrun can read
-    (image files on this machine). Empty when all is well or nothing can be read."""
-    notes = []
-    for image in images:
-        conf = read(image, "/etc/mkinitcpio.conf")
-        if conf is None:
-            continue
-        missing = mkinitcpio_missing(conf.decode("utf-8", errors="replace"))
-        if missing:
-            notes.append(f"{domain.name}: the guest's /etc/mkinitcpio.conf (in {image}) lacks {', '.join(missing)}"
-                         " in MODULES=(...): add them and run `mkinitcpio -P` in the guest, or it will stop at a"
-                         " ctrl-d prompt (S20, S26)")
-        else:
-            notes.append(f"{domain.name}: the guest's mkinitcpio.conf has the Xen front-end modules (S20)")
-        break
-    return notes
-
-
-def lacks_boot_config(images: list[str], read=read_guest_file) -> str | None:
-    """The first readable guest disk (one holding a Linux /etc) without
-    /boot/grub/grub.cfg, which pygrub boots from; None when all have one or none
-    can be read."""
-    for image in images:
-        if read(image, "/etc/mkinitcpio.conf") is None and read(image, "/etc/fstab") is None:
-            continue  # not a filesystem xenrun can read: cannot tell
-        return None if read(image, "/boot/grub/grub.cfg") is not None else image
-    return None

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import structlog
 
-from xenrun import run, xlcfg
+from xenrun import registry, run, xlcfg
 from xenrun.changes import Change, RemoveFile, RunCommand, SparseFile, Symlink, WriteFile
-from xenrun.domains import (CONFIG_DIR, ISO_KERNELS, ISO_RAMDISKS, Domain, archiso_extra, derived_mac,
-                            guest_notes, iso_reader, lacks_boot_config, load_domains, random_mac)
+from xenrun.domains import CONFIG_DIR, PHY, Domain, derived_mac, load_domains, random_mac, with_disk_keys
+from xenrun.guestmedia import ISO_KERNELS, ISO_RAMDISKS, archiso_extra, guest_notes, iso_reader, lacks_boot_config
 from xenrun.errors import PlanError, UsageError
 
 log = structlog.get_logger()
@@ -57,16 +57,25 @@ def the_domain(domains: list[Domain], name: str, p: run.Prepared, given: str | N
     raise UsageError(f"no domain {name!r} for host {p.host.name} in {domains_file(p, given)} (domains: {known})")
 
 
-def with_disk_plugins(p: run.Prepared, domain: Domain) -> run.Prepared:
+def with_disk_plugins(p: run.Prepared, domain: Domain) -> tuple[run.Prepared, Domain]:
     """The host's plugins plus the disk plugins ``domain`` names (image, lvm): a
     domain's disk backend selects its plugin. When plugins.toml lists the host's
-    ``disks``, a backend outside that list is refused."""
-    wanted = [d.backend for d in domain.disks if d.backend != "phy"]
-    for i, disk in enumerate(domain.disks):
-        if disk.backend in wanted and disk.backend not in p.spec.selected and p.spec.disks:
-            raise domain.error(f"disks.{i}.backend", f"{disk.backend!r} is not among host {p.host.name}'s disk"
+    ``disks``, a backend outside that list is refused. Also ``domain`` with its
+    disks' keys checked against what those plugins declare (declare_disk_keys)."""
+    wanted = [d.backend for d in domain.disks if d.backend != PHY]
+    known = registry.known_names()
+    for disk in domain.disks:
+        if disk.backend == PHY:
+            continue
+        if disk.backend not in known or disk.backend not in registry.disk_backends():
+            backends = ", ".join([PHY] + registry.disk_backends())
+            what = "no plugin" if disk.backend not in known else "not a disk plugin"
+            raise domain.disk_error(disk, "backend", f"{disk.backend!r}: {what} (disk backends: {backends})")
+        if disk.backend not in p.spec.selected and p.spec.disks:
+            raise domain.disk_error(disk, "backend", f"{disk.backend!r} is not among host {p.host.name}'s disk"
                                                      f" plugins (disks = {list(p.spec.disks)} in plugins.toml)")
-    return run.with_disk_plugins(p, wanted)
+    p = run.with_disk_plugins(p, wanted)
+    return p, with_disk_keys(domain, p.plugins.disk_keys())
 
 
 # -- what the host already has ---------------------------------------------------------
@@ -141,8 +150,9 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
                      ' set bootloader = "pygrub" and drop iso_boot in domains.toml')
     spec = resolve_macs(spec, all_domains, configs, current)
     entries = []
+    mine: dict[str, object] = {}  # disk path -> this guest's disk there
     for disk in spec.disks:
-        if disk.backend == "phy":
+        if disk.backend == PHY:
             if not target.exists(disk.device):
                 notes.append(f"{domain.name}: {disk.device} does not exist on this target; xl create needs it")
             entries.append(f"phy:{disk.device},{disk.vdev},{disk.access}")
@@ -151,9 +161,11 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
         if answer is None:
             raise spec.error(f"{disk.key}.backend", f"no plugin answered for backend {disk.backend!r}")
         _check_disk_files(p, spec, disk, answer.changes, current)
+        mine[xlcfg.disk_target(answer.entry)] = disk
         changes += answer.changes
         entries.append(answer.entry)
         notes += answer.notes
+    _check_not_shared(p, facts, spec, mine, all_domains)
     boot: dict = {}
     if spec.iso and not spec.iso_boot and not target.exists(spec.iso):
         notes.append(f"{domain.name}: the ISO {spec.iso} does not exist on this target; xl create needs it")
@@ -205,12 +217,43 @@ def _check_disk_files(p: run.Prepared, domain: Domain, disk, changes, current: l
         info = p.target.lstat(change.path)
         if info is None:
             continue
-        key = f"{disk.key}.path" if disk.path else f"{disk.key}.backend"
+        # the key that gave the path, when the spec gave it; else the backend that chose it
+        key = next((k for k, v in disk.options.items() if v == change.path), "backend")
         if info.kind != "file":
-            raise domain.error(key, f"{change.path} is a {info.kind} on {p.target}, not a disk image file")
+            raise domain.disk_error(disk, key, f"{change.path} is a {info.kind} on {p.target}, not a disk image file")
         if change.path not in ours and not (folder and change.path.startswith(folder + "/")):
-            raise domain.error(key, f"{change.path} is an existing file outside the disk folder ({folder or 'none'})"
-                                    f" that {domain.name}'s config does not use: xenrun will not make it a disk")
+            raise domain.disk_error(disk, key, f"{change.path} is an existing file outside the disk folder"
+                                               f" ({folder or 'none'}) that {domain.name}'s config does not use:"
+                                               " xenrun will not make it a disk")
+
+
+def _check_not_shared(p: run.Prepared, facts, domain: Domain, mine: dict, all_domains: list[Domain]) -> None:
+    """Two guests of a host never share a disk: the paths of this guest's plugin
+    disks against those the same plugins give the host's other guests in
+    domains.toml (phy devices are compared when domains.toml is read)."""
+    declared = p.plugins.disk_keys()
+    notes_before = len(p.plugins.notes)
+    try:
+        for other in all_domains:
+            if other.name == domain.name:
+                continue
+            try:
+                other = with_disk_keys(other, declared)
+            except UsageError:
+                continue  # its own error, when that guest is planned
+            for disk in other.disks:
+                if disk.backend == PHY or disk.backend not in p.plugins.names:
+                    continue
+                try:
+                    _plugin, answer = p.plugins.domain_disk(facts, p.host, other, disk)
+                except UsageError:
+                    continue
+                path = xlcfg.disk_target(answer.entry) if answer else None
+                if path in mine:
+                    raise domain.disk_error(mine[path], "", f"the same disk ({path}) as guest {other.name}'s"
+                                                            f" {disk.key.replace('.', '[')}]: guests never share a disk")
+    finally:
+        del p.plugins.notes[notes_before:]  # notes about the other guests are not this plan's
 
 
 def _finding(f: xlcfg.Finding) -> str:
@@ -292,7 +335,7 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
     facts = run.gather_facts(p)
     out = []
     for disk in domain.disks:
-        if disk.backend == "phy":
+        if disk.backend == PHY:
             path = disk.device
         else:
             _plugin, answer = p.plugins.domain_disk(facts, p.host, domain, disk)
@@ -331,7 +374,7 @@ def plan_delete(p: run.Prepared, domain: Domain, purge: bool) -> tuple[list[Chan
         changes.append(RemoveFile(domain.config_path, step="S17", why=f"xl config of {domain.name}"))
     facts = run.gather_facts(p) if purge else None
     for disk in domain.disks:
-        if disk.backend == "phy":
+        if disk.backend == PHY:
             notes.append(f"{domain.name}: {disk.device} is a device of the host's: kept")
             continue
         _plugin, answer = p.plugins.domain_disk(facts, p.host, domain, disk) if purge else (None, None)
@@ -339,9 +382,11 @@ def plan_delete(p: run.Prepared, domain: Domain, purge: bool) -> tuple[list[Chan
         if not purge or not path:
             notes.append(f"{domain.name}: disk {disk.vdev} kept ({disk.backend}); --purge removes it")
             continue
+        if not answer.remove:
+            notes.append(f"{domain.name}: disk {disk.vdev} kept: the {disk.backend} plugin does not remove its disks")
+            continue
         gone = ("sh", "-c", '! test -e "$1"', "sh", path)  # exits 0 once the disk is gone
-        argv = ("lvremove", "-f", path) if disk.backend == "lvm" else ("rm", "-f", "--", path)
-        changes.append(RunCommand(argv, unless=gone, step="S16", timeout=300,
+        changes.append(RunCommand(answer.remove, unless=gone, step="S16", timeout=300,
                                   why=f"--purge: remove disk {disk.vdev} of {domain.name} (cannot be undone)"))
     return [dataclasses.replace(c, plugin="domain") for c in changes], notes
 
@@ -352,7 +397,7 @@ def create(opts: DomainOptions, name: str, confirm) -> run.Result:
     p = run.prepare(opts.run)
     domains = host_domains(p, opts.domains)
     domain = the_domain(domains, name, p, opts.domains)
-    p = with_disk_plugins(p, domain)
+    p, domain = with_disk_plugins(p, domain)
     facts = run.gather_facts(p)
     return run.execute(p, lambda: plan_create(p, facts, domain, domains), opts.run, confirm)
 
@@ -360,15 +405,14 @@ def create(opts: DomainOptions, name: str, confirm) -> run.Result:
 def finish_install(opts: DomainOptions, name: str, confirm) -> run.Result:
     p = run.prepare(opts.run)
     domain = the_domain(host_domains(p, opts.domains), name, p, opts.domains)
-    p = with_disk_plugins(p, domain)  # their settings say where the guest's disks are
+    p, domain = with_disk_plugins(p, domain)  # their settings say where the guest's disks are
     return run.execute(p, lambda: plan_finish(p, domain), opts.run, confirm)
 
 
 def delete(opts: DomainOptions, name: str, purge: bool, confirm) -> run.Result:
     p = run.prepare(opts.run)
     domain = the_domain(host_domains(p, opts.domains), name, p, opts.domains)
-    if purge:
-        p = with_disk_plugins(p, domain)  # they say where the disks are
+    p, domain = with_disk_plugins(p, domain)  # they say where the disks are
     return run.execute(p, lambda: plan_delete(p, domain, purge), opts.run, confirm)
 
 

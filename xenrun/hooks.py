@@ -150,19 +150,29 @@ class HostPlugins:
 
     # -- the typed wrappers the flows call ----------------------------------------------
 
-    def declared_settings(self) -> dict[str, dict[str, Setting]]:
+    def _declarations(self, hook: str, what: str) -> dict[str, dict[str, Setting]]:
+        """{owner: {key: Setting}} merged from every selected plugin's ``hook``; an
+        owner (a plugin's settings table, a disk backend) declared twice is refused."""
         declared: dict = {}
-        for plugin, result in self.each("declare_settings"):
+        for plugin, result in self.each(hook):
             if result is None:
                 continue
             if not isinstance(result, dict) or not all(
                     isinstance(t, dict) and all(isinstance(s, Setting) for s in t.values()) for t in result.values()):
-                raise self._wrong(plugin, "declare_settings", "{plugin: {key: Setting}}", result)
+                raise self._wrong(plugin, hook, f"{{{what}: {{key: Setting}}}}", result)
             for owner, table in result.items():
                 if owner in declared:
-                    raise UsageError(f"plugin {plugin!r} declares settings for {owner!r}, already declared")
+                    raise UsageError(f"plugin {plugin!r} declares the {hook.split('_', 1)[1].replace('_', ' ')}"
+                                     f" of {owner!r}, already declared")
                 declared[owner] = table
         return declared
+
+    def declared_settings(self) -> dict[str, dict[str, Setting]]:
+        return self._declarations("declare_settings", "plugin")
+
+    def disk_keys(self) -> dict[str, dict[str, Setting]]:
+        """backend -> {key: Setting}, from every selected plugin's declare_disk_keys."""
+        return self._declarations("declare_disk_keys", "backend")
 
     def facts(self, probe: Probe) -> Facts:
         merged: dict = {}

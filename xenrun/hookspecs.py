@@ -105,8 +105,8 @@ def boot_image(entry: BootEntry) -> BootImage | None:
     """Say how ``xenrun boot-check`` makes a bootable image of ``entry`` and boots it
     in QEMU: a BootImage holding the Loader (how QEMU is handed the image, what the
     loader prints when it fails, the tools it needs) and ``build(workdir, files)``.
-    xenrun.bootcheck has the builders of the builtin loaders (``build_grub_iso``,
-    ``build_syslinux_image``, ``build_esp_image``) and their ``LOADERS``.
+    xenrun.bootimages has the builders of the builtin loaders (``build_grub_iso``,
+    ``build_syslinux_image``, ``build_esp_image``), xenrun.bootcheck their ``LOADERS``.
 
     When: only by boot-check, after boot_entry; the Loader's tools are checked
     before the entry's files are read from the host, then ``build`` is called.
@@ -140,6 +140,23 @@ def configure_network(facts: Facts, host: Host) -> list[Change] | None:
     """
 
 
+@hookspec
+def declare_disk_keys() -> dict[str, dict[str, Setting]]:
+    """Declare the keys a disk backend reads from a guest's ``[[domain.NAME.disks]]``
+    table (beside the keys every disk has: backend, vdev, access).
+
+    When: when a guest is planned (domain.create, finish-install, delete), after its
+    disk plugins are selected and before create_domain, so that every key is checked
+    before anything runs.
+    Parameters: none.
+    Returns: ``{backend: {key: Setting}}`` (``Setting(check, default, help,
+    required=...)``); None when the plugin declares none. The checked values, with
+    defaults filled in, reach create_domain as ``disk.options``. An unknown key, a
+    bad value or a missing required key is an error naming domains.toml's line.
+    Every selected plugin is called; two plugins declaring one backend are refused.
+    """
+
+
 @hookspec(firstresult=True)
 def create_domain(facts: Facts, host: Host, domain: Domain, disk: DiskSpec) -> DomainDisk | None:
     """Plan the disk of one guest (S16) and say how xl should see it.
@@ -147,9 +164,10 @@ def create_domain(facts: Facts, host: Host, domain: Domain, disk: DiskSpec) -> D
     When: once per domain and disk, when a domain is created (``xenrun
     domain.create``), before its xl config is written.
     Parameters: ``facts``; ``host``; ``domain`` the validated guest spec;
-    ``disk`` the one disk of ``domain`` to plan (its ``backend`` names the plugin).
+    ``disk`` the one disk of ``domain`` to plan (its ``backend`` names the plugin;
+    ``disk.options`` its keys as declare_disk_keys declared them, checked).
     Returns: a DomainDisk (the Changes that make the disk, the xl ``disk=``
-    entry, and notes for the plan); None means "not mine" (the disk names another
-    backend).
+    entry, notes for the plan, and the argv that removes the disk for ``delete
+    --purge``); None means "not mine" (the disk names another backend).
     First result wins: the plugin named by the disk's ``backend`` answers.
     """

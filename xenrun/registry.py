@@ -45,6 +45,19 @@ def known_names() -> list[str]:
     return sorted(set(BUILTIN) | set(third_party()))
 
 
+def disk_backends() -> list[str]:
+    """The known plugins that make guest disks (they implement create_domain); one
+    that fails to load is left out (selecting it reports why)."""
+    found = []
+    for name in known_names():
+        try:
+            if hasattr(load(name), "create_domain"):
+                found.append(name)
+        except UsageError:
+            continue
+    return found
+
+
 def load(name: str):
     """The plugin object (module) selected by ``name``: builtins first, then entry
     points. An unknown name fails listing the names that exist."""

@@ -423,22 +423,25 @@ def plugin_table(options: Options) -> list[dict]:
         except UsageError as e:
             implemented, module = [f"(failed to load: {e})"], None
         rows.append({"name": name, "source": source, "hooks": implemented, "selected": name in selected,
-                     "settings": _declared(module)})
+                     "settings": _declared(module, "declare_settings"),
+                     "disk_keys": _declared(module, "declare_disk_keys")})
     return rows
 
 
-def _declared(module) -> dict:
-    """A plugin's settings as its declare_settings hook declares them:
-    {"[plugin.NAME]": {key: {"default", "help", "examples"}}}, or {"error": ...}."""
-    if module is None or not hasattr(module, "declare_settings"):
+def _declared(module, hook: str) -> dict:
+    """What a plugin's declare_settings (or declare_disk_keys) hook declares:
+    {plugin (or backend): {key: {"default", "help", "examples", "required"}}}, or
+    {"error": ...}."""
+    if module is None or not hasattr(module, hook):
         return {}
     try:
-        declared = module.declare_settings() or {}
-        return {section: {key: {"default": s.default, "help": s.help, "examples": list(s.examples)}
+        declared = getattr(module, hook)() or {}
+        return {section: {key: {"default": s.default, "help": s.help, "examples": list(s.examples),
+                                "required": s.required}
                           for key, s in keys.items()}
                 for section, keys in declared.items()}
     except Exception as e:  # a plugin's fault: listed, not fatal to the listing
-        return {"error": f"declare_settings raised {type(e).__name__}: {e}"}
+        return {"error": f"{hook} raised {type(e).__name__}: {e}"}
 
 
 def stderr_is_tty() -> bool:

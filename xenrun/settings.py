@@ -138,10 +138,13 @@ def _kind(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """One key a plugin reads from ``[plugin.NAME]``: its check, its default (used when
-    the key is absent; None means "not set") and one line of help."""
+    """One key a plugin reads from ``[plugin.NAME]`` (declare_settings) or from a
+    guest's disk table (declare_disk_keys): its check, its default (used when the key
+    is absent; None means "not set"), one line of help, and ``required``: the key must
+    be given (its absence is an error naming the table)."""
 
     check: Callable[[Any], Any]
     default: Any = None
     help: str = ""
     examples: tuple = field(default=())
+    required: bool = False

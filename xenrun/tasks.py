@@ -140,17 +140,19 @@ def plugins(c, root=None, host=None, config=None, format="text"):
     for r in rows:
         mark = "*" if r["selected"] else " "
         print(f"{mark} {r['name']:<10} {r['source']:<30} {', '.join(r['hooks'])}")
-        _print_settings(r["settings"])
+        _print_settings(r["settings"], "[plugin.{}]")
+        _print_settings(r["disk_keys"], '[[domain.NAME.disks]] backend = "{}":')
 
 
-def _print_settings(declared: dict) -> None:
+def _print_settings(declared: dict, where: str) -> None:
     if "error" in declared:
         print(f"    settings: {declared['error']}")
         return
     for section, keys in declared.items():
         for key, s in keys.items():
-            default = "" if s["default"] is None else f" (default {json.dumps(s['default'], default=str)})"
-            print(f"    [plugin.{section}] {key}{default}: {s['help'] or 'no help given'}")
+            default = (" (required)" if s["required"] else "" if s["default"] is None
+                       else f" (default {json.dumps(s['default'], default=str)})")
+            print(f"    {where.format(section)} {key}{default}: {s['help'] or 'no help given'}")
             if s["examples"]:
                 print(f"        e.g. {'; '.join(f'{key} = {json.dumps(e, default=str)}' for e in s['examples'])}")
 

@@ -226,7 +226,7 @@ def test_bridge_port_is_the_physical_port_behind_the_bridge_on_a_second_run(site
 @pytest.mark.parametrize("mode", ["raise", "wrong"])
 def test_a_failing_disk_plugin_is_the_plugins_fault(site, faulty_plugin, monkeypatch, mode):
     """create_domain through the same facade: the faulty disk plugin stands in for
-    the image backend (in-process: domains.toml's backends are a closed list)."""
+    the image backend, in-process."""
     from xenrun import guests, registry, run
     from xenrun.errors import PluginFault
     monkeypatch.syspath_prepend(str(faulty_plugin))

@@ -1,6 +1,6 @@
 """The house rules, as checks anyone can run: builtins read like third-party
 plugins, only the registry knows the plugins, no import goes round in a circle,
-and no lower layer imports a higher one."""
+no lower layer imports a higher one, and no module grows past 600 lines."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ PACKAGE = REPO / "xenrun"
 # From the bottom up; a module imports only from its own layer or those below.
 LAYERS = [
     ("values", {"xenrun", "xenrun.errors", "xenrun.settings", "xenrun.changes", "xenrun.facts", "xenrun.profiles",
-                "xenrun.xlcfg", "xenrun.logs", "xenrun.config", "xenrun.domains",
+                "xenrun.xlcfg", "xenrun.logs", "xenrun.config", "xenrun.domains", "xenrun.guestmedia",
                 "xenrun.netswitch", "xenrun.netconf"}),
-    ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.state", "xenrun.apply", "xenrun.bootcheck"}),
+    ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.state", "xenrun.apply", "xenrun.bootcheck",
+                 "xenrun.bootimages"}),
     ("plugins", {"xenrun.registry", "xenrun.hookspecs", "xenrun.hooks", "xenrun.api", "xenrun.plugins"}),
     ("flows", {"xenrun.run", "xenrun.guests", "xenrun.fleet", "xenrun.testing",
                "xenrun.report"}),
@@ -116,3 +117,11 @@ def test_no_test_imports_conftest():
             if any(n == "conftest" or n.startswith("conftest.") for n in names):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, "import conftest (use support.helpers): " + ", ".join(offenders)
+
+
+MAX_LINES = 600  # a module past this is two rooms: split it along its seam
+
+
+def test_no_module_is_past_600_lines():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"modules over {MAX_LINES} lines: {long}"

@@ -402,7 +402,17 @@ CASES = [
     ("vnc display taken", BASE.replace('type = "pv"', 'type = "hvm"').replace('bootloader = "pygrub"\n', "")
      + "[domain.web.vnc]\ndisplay = 3\n[domain.pv1.vnc]\ndisplay = 3\n", "domain.pv1.vnc.display", 24),
     ("same image twice", BASE.replace('size = "10G"', 'size = "10G"\npath = "/srv/a.img"')
-     + 'path = "/srv/a.img"\n', "domain.pv1.disks[0]", 21),
+     + 'path = "/srv/a.img"\n', "domain.web.disks[0]", 7),  # found when web is planned: its path is pv1's
+    ("same volume twice", BASE.replace('backend = "image"', 'backend = "lvm"\nvg = "vg0"\nlv = "data"')
+     + 'backend = "lvm"\nvg = "vg0"\nlv = "data"\n', "domain.web.disks[0]", 7),
+    ("an lvm key on an image disk", BASE.replace('size = "10G"', 'size = "10G"\nvg = "vg0"'),
+     "domain.web.disks[0].vg", 10),
+    ("a phy disk with a size", BASE.replace('backend = "image"', 'backend = "phy"\ndevice = "/dev/sdb"'),
+     "domain.web.disks[0].size", 10),
+    ("a backend that is not a disk plugin", BASE.replace('backend = "image"', 'backend = "grub"'),
+     "domain.web.disks[0].backend", 8),
+    ("lvm volume name with a slash", BASE.replace('backend = "image"', 'backend = "lvm"\nvg = "vg0"\nlv = "a/b"'),
+     "domain.web.disks[0].lv", 10),
     ("pvh without kernel", BASE.replace('type = "pv"', 'type = "pvh"').replace('bootloader = "pygrub"\n', ""),
      "domain.pv1", 14),
     ("pvh with pygrub", BASE.replace('type = "pv"', 'type = "pvh"'), "domain.pv1.bootloader", 18),
@@ -433,8 +443,29 @@ def test_malformed_domains_are_refused_with_file_line_key(site, name, text, key,
 
 def test_domains_in_process_errors_are_config_errors():
     with pytest.raises(ConfigError) as e:
-        parse_domains(BASE.replace('size = "10G"', 'size = "ten"'))
-    assert e.value.line == 9 and e.value.key == "domain.web.disks[0].size"
+        parse_domains(BASE.replace('size = "10G"', 'size = "10G"\nvdev = "xvd?"'))
+    assert e.value.line == 10 and e.value.key == "domain.web.disks[0].vdev"
+
+
+def test_a_disk_plugins_declared_keys_are_checked_where_they_are_written():
+    """The keys of a disk belong to its plugin: domains.toml keeps them as written,
+    and with_disk_keys checks them against the plugin's declaration, with the line."""
+    from xenrun.domains import with_disk_keys
+    from xenrun.plugins import image
+    from xenrun.settings import Setting
+    [web, _] = parse_domains(BASE.replace('size = "10G"', 'size = "ten"'))
+    assert web.disks[0].options == {"size": "ten"}  # not the core's to check
+    with pytest.raises(ConfigError) as e:
+        with_disk_keys(web, image.declare_disk_keys())
+    assert (e.value.line, e.value.key) == (9, "domain.web.disks[0].size")
+    [web, _] = parse_domains(BASE.replace('backend = "image"', 'backend = "toy"\ncolour = "red"'))
+    declared = {"toy": {"size": Setting(lambda v: v, required=True), "colour": Setting(str), "shade": Setting(str, 3)}}
+    assert with_disk_keys(web, declared).disks[0].options == {"size": "10G", "colour": "red", "shade": 3}
+    declared["toy"]["texture"] = Setting(str, required=True, help="what it feels like")
+    with pytest.raises(ConfigError) as e:
+        with_disk_keys(web, declared)
+    assert (e.value.line, e.value.key) == (7, "domain.web.disks[0]")
+    assert "texture is missing: a toy disk needs texture (what it feels like)" in str(e.value)
 
 
 def test_domain_for_every_host_without_host_key():

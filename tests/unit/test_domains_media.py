@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from support.helpers import run_xenrun, tree_hash
-from xenrun import domains as dom
-from xenrun.domains import Iso9660, guest_notes, mkinitcpio_missing, parse_domains, partition_offsets
+from xenrun import guestmedia as media
+from xenrun.domains import parse_domains, with_disk_keys
+from xenrun.guestmedia import Iso9660, guest_notes, mkinitcpio_missing, partition_offsets
 from xenrun.errors import ConfigError
 from xenrun.facts import Facts
 from xenrun.targets.local import LocalTarget
@@ -48,7 +49,7 @@ def make_iso(tmp: Path, label: str = "ARCH_201301", rock_ridge: bool = True, too
 
 
 def reader(path: Path) -> Iso9660:
-    return dom.iso_reader(LocalTarget("/"), str(path))
+    return media.iso_reader(LocalTarget("/"), str(path))
 
 
 @needs_iso_tool
@@ -56,7 +57,7 @@ def reader(path: Path) -> Iso9660:
 def test_iso_label_is_read_from_the_image(tmp_path, label):
     iso = reader(make_iso(tmp_path, label))
     assert iso.label == label
-    assert dom.archiso_extra(iso.label) == f"archisobasedir=arch archisolabel={label}"
+    assert media.archiso_extra(iso.label) == f"archisobasedir=arch archisolabel={label}"
 
 
 @needs_iso_tool
@@ -177,6 +178,7 @@ def test_image_plugin_entries():
     from xenrun.plugins import image
     [d] = parse_domains('[domain.g]\ntype = "pv"\nbootloader = "pygrub"\n[[domain.g.disks]]\nsize = "1G"\n'
                         '[[domain.g.disks]]\nsize = "2G"\npath = "/srv/g-data.img"\n')
+    d = with_disk_keys(d, image.declare_disk_keys())
     host = _Host({"image": {"dir": "/var/lib/xen/images/", "syntax": "file"}})
     first = image.create_domain(facts=Facts({}), host=host, domain=d, disk=d.disks[0])
     second = image.create_domain(facts=Facts({}), host=host, domain=d, disk=d.disks[1])
@@ -209,6 +211,7 @@ size = "20G"
 def lvm_answer(facts: dict, text: str = LVM, vg=None):
     from xenrun.plugins import lvm
     [d] = parse_domains(text)
+    d = with_disk_keys(d, lvm.declare_disk_keys())
     return lvm.create_domain(facts=Facts(facts), host=_Host({"lvm": {"vg": vg}}), domain=d, disk=d.disks[0])
 
 
@@ -272,7 +275,7 @@ def make_guest_disk(tmp: Path, modules: str, grub: bool = True) -> Path:
     ("MODULES=()", ["xen-blkfront", "xen-fbfront", "xen-netfront", "xen-kbdfront"]),
     ("MODULES=(xen-blkfront xen-fbfront xen-netfront xen-kbdfront)", []),
     ('MODULES="xen_blkfront xen-fbfront"\n', ["xen-netfront", "xen-kbdfront"]),
-    ("#MODULES=(xen-blkfront xen-fbfront xen-netfront xen-kbdfront)\nMODULES=(ext4)", dom.GUEST_MODULES),
+    ("#MODULES=(xen-blkfront xen-fbfront xen-netfront xen-kbdfront)\nMODULES=(ext4)", media.GUEST_MODULES),
 ])
 def test_mkinitcpio_missing(text, missing):
     assert mkinitcpio_missing(text) == list(missing)
@@ -281,8 +284,8 @@ def test_mkinitcpio_missing(text, missing):
 @needs_e2fs
 def test_guest_disk_is_read_without_mounting(tmp_path):
     image = make_guest_disk(tmp_path, "MODULES=(xen-blkfront xen-netfront)")
-    assert b"MODULES=(xen-blkfront xen-netfront)" in dom.read_guest_file(image, "/etc/mkinitcpio.conf")
-    assert dom.read_guest_file(image, "/etc/nothing") is None
+    assert b"MODULES=(xen-blkfront xen-netfront)" in media.read_guest_file(image, "/etc/mkinitcpio.conf")
+    assert media.read_guest_file(image, "/etc/nothing") is None
     [d] = parse_domains(LVM)
     notes = guest_notes(d, [str(image)])
     assert len(notes) == 1 and "lacks xen-fbfront, xen-kbdfront" in notes[0] and "mkinitcpio -P" in notes[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from support import xenpkgs
-from xenrun import bootcheck
+from xenrun import bootcheck, bootimages
 
 pytestmark = pytest.mark.qemu
 
@@ -80,15 +80,15 @@ def xen_efi_cfg(kernel: str = "vmlinuz") -> str:
 
 def build(kind: str, files: bootcheck.BootFiles, workdir: Path, kernel: str = "vmlinuz") -> Path:
     if kind == "grub":
-        return bootcheck.build_grub_iso(workdir, grub_cfg(kernel), {
+        return bootimages.build_grub_iso(workdir, grub_cfg(kernel), {
             "boot/xen.gz": files.xen, "boot/vmlinuz": files.kernel, "boot/initrd.gz": files.initrd,
         })
     if kind == "syslinux":
-        return bootcheck.build_syslinux_image(workdir, syslinux_cfg(kernel), {
+        return bootimages.build_syslinux_image(workdir, syslinux_cfg(kernel), {
             "xen.gz": files.xen, "vmlinuz": files.kernel, "initrd.gz": files.initrd,
         })
     assert files.xen_efi is not None
-    return bootcheck.build_esp_image(workdir, files.xen_efi, xen_efi_cfg(kernel), {
+    return bootimages.build_esp_image(workdir, files.xen_efi, xen_efi_cfg(kernel), {
         "vmlinuz": files.kernel, "initrd.gz": files.initrd,
     })
 

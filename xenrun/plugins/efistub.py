@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import posixpath
 
-from xenrun.api import (hookimpl, checks as check, bootcheck, BootEntry, BootImage, CopyFile, RunCommand, WriteFile, PlanError,
+from xenrun.api import (hookimpl, checks as check, bootcheck, bootimages, BootEntry, BootImage, CopyFile, RunCommand, WriteFile, PlanError,
                         boot_files, Setting)
 
 HELPER = "/usr/local/lib/xenrun/efi-xen"
@@ -184,5 +184,5 @@ def boot_image(entry):
     def build(workdir, files):
         folder = entry.config_path.rsplit("/", 1)[0] + "/"
         inside = {path.removeprefix(folder): local for path, local in files.items()}
-        return bootcheck.build_esp_image(workdir, inside.pop("BOOTX64.EFI"), entry.config, inside)
+        return bootimages.build_esp_image(workdir, inside.pop("BOOTX64.EFI"), entry.config, inside)
     return BootImage(bootcheck.LOADERS["uefi"], build)

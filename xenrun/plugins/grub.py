@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from xenrun.api import (hookimpl, checks as check, bootcheck, BootEntry, BootImage, EnsureLine, RunCommand,
+from xenrun.api import (hookimpl, checks as check, bootcheck, bootimages, BootEntry, BootImage, EnsureLine, RunCommand,
                         WriteFile, PlanError, parse_shell_vars, boot_files, profile_for, Setting)
 
 log = structlog.get_logger()
@@ -365,4 +365,4 @@ def boot_image(entry):
     """A BIOS GRUB rescue ISO (grub-mkrescue) holding the entry's grub.cfg."""
     if entry.kind == "grub":
         return BootImage(bootcheck.LOADERS["grub"],
-                         lambda workdir, files: bootcheck.build_grub_iso(workdir, entry.config, files))
+                         lambda workdir, files: bootimages.build_grub_iso(workdir, entry.config, files))

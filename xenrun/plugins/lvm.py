@@ -23,6 +23,22 @@ def declare_settings():
 
 
 @hookimpl
+def declare_disk_keys():
+    return {NAME: {
+        "size": Setting(check.size, None, "the volume's size, e.g. \"20G\"", required=True),
+        "vg": Setting(check.name, None, "the volume group (default: [plugin.lvm] vg)"),
+        "lv": Setting(check.name, None, "the volume's name (default: NAME, NAME-VDEV for further disks)"),
+    }}
+
+
+def volume_name(domain, disk) -> str:
+    """The disk's ``lv``, else NAME for the first disk and NAME-VDEV for the others."""
+    if disk.options.get("lv"):
+        return disk.options["lv"]
+    return domain.name if domain.disks[0].vdev == disk.vdev else f"{domain.name}-{disk.vdev}"
+
+
+@hookimpl
 def detect_hardware(probe):
     """The logical volumes that exist, so a second run knows a volume is there
     (and its size) without counting it against the free space again."""
@@ -43,36 +59,36 @@ def parse_lvs(text: str) -> list[dict]:
 def create_domain(facts, host, domain, disk):
     if disk.backend != NAME:
         return None
-    vg = disk.vg or host.settings[NAME]["vg"]
-    key = f"{disk.key}.vg"
+    vg = disk.options.get("vg") or host.settings[NAME]["vg"]
+    lv, size = volume_name(domain, disk), disk.options["size"]
     if vg is None:
-        raise domain.error(key, "no volume group: give vg here or [plugin.lvm] vg in plugins.toml")
-    device = f"/dev/{vg}/{disk.lv}"
+        raise domain.disk_error(disk, "vg", "no volume group: give vg here or [plugin.lvm] vg in plugins.toml")
+    device = f"/dev/{vg}/{lv}"
     entry = f"phy:{device},{disk.vdev},{disk.access}"
     notes = []
     groups = facts.get("volume_groups")
     volumes = facts.get("logical_volumes")
-    existing = next((lv for lv in volumes or [] if lv["vg"] == vg and lv["name"] == disk.lv), None)
+    existing = next((v for v in volumes or [] if v["vg"] == vg and v["name"] == lv), None)
     if existing is not None:
-        if existing["size"] != disk.size:
-            notes.append(f"{domain.name}: {vg}/{disk.lv} exists with {_human(existing['size'])}, the spec says"
-                         f" {_human(disk.size)}; xenrun never resizes volumes (back up first, then"
-                         f" `lvextend -L {disk.size}b {device}` and grow the filesystem inside)")
-        return DomainDisk(changes=[], entry=entry, notes=notes)
+        if existing["size"] != size:
+            notes.append(f"{domain.name}: {vg}/{lv} exists with {_human(existing['size'])}, the spec says"
+                         f" {_human(size)}; xenrun never resizes volumes (back up first, then"
+                         f" `lvextend -L {size}b {device}` and grow the filesystem inside)")
+        return DomainDisk(changes=[], entry=entry, notes=notes, remove=("lvremove", "-f", device))
     if groups is None:
         notes.append(f"{domain.name}: free space in {vg} unknown here (vgs cannot run on this target);"
-                     f" lvcreate will check {_human(disk.size)} on the host")
+                     f" lvcreate will check {_human(size)} on the host")
     else:
         group = next((g for g in groups if g["name"] == vg), None)
         if group is None:
             known = ", ".join(g["name"] for g in groups) or "none"
-            raise domain.error(key, f"no volume group {vg!r} on {host.name} (volume groups: {known})")
-        if group["free"] < disk.size:
-            raise domain.error(f"{disk.key}.size", f"{_human(disk.size)} does not fit: volume group {vg} has"
+            raise domain.disk_error(disk, "vg", f"no volume group {vg!r} on {host.name} (volume groups: {known})")
+        if group["free"] < size:
+            raise domain.disk_error(disk, "size", f"{_human(size)} does not fit: volume group {vg} has"
                                                    f" {_human(group['free'])} free")
-    change = RunCommand(("lvcreate", "--yes", "--name", disk.lv, "--size", f"{disk.size}b", vg),
+    change = RunCommand(("lvcreate", "--yes", "--name", lv, "--size", f"{size}b", vg),
                         creates=device, step="S16", why=f"disk {disk.vdev} of {domain.name} (logical volume)")
-    return DomainDisk(changes=[change], entry=entry, notes=notes)
+    return DomainDisk(changes=[change], entry=entry, notes=notes, remove=("lvremove", "-f", device))
 
 
 def _human(n: int) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import posixpath
 import re
 
-from xenrun.api import (hookimpl, warn, checks as check, bootcheck, BootEntry, BootImage, CopyFile, EnsureLine, RunCommand, WriteFile,
+from xenrun.api import (hookimpl, warn, checks as check, bootcheck, bootimages, BootEntry, BootImage, CopyFile, EnsureLine, RunCommand, WriteFile,
                         PlanError, boot_files, Setting)
 
 CFG = "/boot/syslinux/syslinux.cfg"
@@ -153,4 +153,4 @@ def boot_image(entry):
     """A FAT disk made bootable by ``syslinux --install``, syslinux.cfg at its root."""
     if entry.kind == "syslinux":
         return BootImage(bootcheck.LOADERS["syslinux"],
-                         lambda workdir, files: bootcheck.build_syslinux_image(workdir, entry.config, files))
+                         lambda workdir, files: bootimages.build_syslinux_image(workdir, entry.config, files))
