@@ -184,8 +184,9 @@ def test_plugins_lists_each_plugins_settings(site, sample_plugin):
     declared = netctl.declare_settings()["netctl"]
     assert set(rows["netctl"]["settings"]["netctl"]) == set(declared)
     assert rows["netctl"]["settings"]["netctl"]["address"]["examples"] == list(declared["address"].examples)
-    assert rows["sample"]["settings"]["sample"]["files"] == {"default": 1, "examples": [],
+    assert rows["sample"]["settings"]["sample"]["files"] == {"default": 1, "examples": [], "required": False,
                                                             "help": "how many /etc/xenrun-sample/N files to write"}
+    assert rows["image"]["disk_keys"]["image"]["size"]["required"] is True
     assert rows["facts"]["settings"] == {}
 
 
