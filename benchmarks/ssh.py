@@ -57,11 +57,11 @@ def main() -> None:
         target = ssh.SSHTarget(server.address, connect_kwargs={
             "key_filename": str(server.key), "look_for_keys": False, "allow_agent": False})
         started = time.perf_counter()
-        target.run(["true"])
+        target.execute(["true"])
         connect = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(20):
-            target.run(["true"])
+            target.execute(["true"])
         per_request = (time.perf_counter() - started) / 20
         started = time.perf_counter()
         for _ in range(50):

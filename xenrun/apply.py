@@ -34,7 +34,7 @@ from xenrun.changes import RemoveFile, RunCommand, SparseFile, SwitchNetwork, Sy
 from xenrun.errors import ApplyError, HostLost, TargetError
 from xenrun.netswitch import confirm_argv, plan_folder, run_argv
 from xenrun.plan import CHANGE, Outcome, State
-from xenrun.state import (PENDING_FILE, STATE_DIR, Journal, check_state_folder, digest, new_run_id, owed_file,
+from xenrun.state import (PENDING_FILE, STATE_DIR, Journal, check_state_folder, digest, new_run_id, pending_file_data,
                           read_state, run_ids)
 
 def _left_as(after: State) -> dict:
@@ -120,10 +120,10 @@ class Applier:
         return undone
 
     # -- apply -------------------------------------------------------------------
-    def apply(self, outcomes: list[Outcome], owed_after=None) -> dict:
+    def apply(self, outcomes: list[Outcome], pending_after=None) -> dict:
         """Carry out the "change" outcomes in order. Returns {"run": id, "results":
         [status per outcome]}; on failure undoes this run and raises ApplyError.
-        ``owed_after(results)`` gives (owed before, owed now): the pending file is
+        ``pending_after(results)`` gives (pending before, pending now): the pending file is
         then written as the run's last change, before its commit record, so a
         crash never loses the commands the run leaves for the host (an undone run
         puts the file back with the others).
@@ -153,9 +153,9 @@ class Applier:
                         self._apply_one(current[0])
                     for index in batch:
                         results[index] = "changed"
-            if owed_after is not None:
+            if pending_after is not None:
                 current = []
-                self._leave_owed(*owed_after(results))
+                self._leave_pending(*pending_after(results))
         except BaseException as e:
             failed = _undo(self.target, self.journal)
             what = ", ".join(_describe(o.change) for o in current[:3]) + (" ..." if len(current) > 3 else "") \
@@ -175,10 +175,10 @@ class Applier:
         self.point("commit")
         return {"run": self.journal.run_id, "results": results}
 
-    def _leave_owed(self, owed: frozenset, now: frozenset) -> None:
-        if now == owed:
+    def _leave_pending(self, pending: frozenset, now: frozenset) -> None:
+        if now == pending:
             return
-        data = owed_file(self.target, owed, now, self.journal.run_id)
+        data = pending_file_data(self.target, pending, now, self.journal.run_id)
         self._save([(PENDING_FILE, "follow")])
         self.journal.secure()
         self.point("pending on record")
@@ -272,7 +272,7 @@ class Applier:
         self.point("file done")
 
     def _run(self, argv: tuple[str, ...], timeout: float | None) -> None:
-        result = self.target.run(argv, timeout=timeout)
+        result = self.target.execute(argv, timeout=timeout)
         self.journal.note(op="ran", argv=list(argv), rc=result.rc)
         self.point("command ran")
         if result.rc != 0:
@@ -293,7 +293,7 @@ class Applier:
         self.target.write_new_many(plan_folder(change, folder, saved))
         for number, file in enumerate(change.files, 1):  # each new file checked before the switch
             if getattr(file, "validate", ()):
-                result = self.target.run_on_file(file.validate, f"{folder}/new.{number}")
+                result = self.target.execute_on_file(file.validate, f"{folder}/new.{number}")
                 if result.rc != 0:
                     msg = (result.stderr or result.stdout).strip().splitlines()
                     raise RuntimeError(f"{' '.join(file.validate)} rejected the new {file.path}"
@@ -321,7 +321,7 @@ class Applier:
         def before_rename(path, tmp):
             self.point("temp written")
             if checks[path]:
-                result = self.target.run_on_file(checks[path], tmp)
+                result = self.target.execute_on_file(checks[path], tmp)
                 if result.rc != 0:
                     msg = (result.stderr or result.stdout).strip().splitlines()
                     raise RuntimeError(f"{' '.join(checks[path])} rejected the new {path}"

@@ -122,7 +122,7 @@ def console_task(c, name, root=None, host=None, config=None, domains=None, dry=F
     def find():
         p = run.prepare(opts.run)
         domain = the_domain(host_domains(p, domains), name, p, domains)
-        if not p.target.is_host and not dry:
+        if not p.target.live and not dry:
             raise UsageError(f"domain.console: {p.target} is not a running machine; attach on the host itself")
         return domain
     domain = _guard(find)

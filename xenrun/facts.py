@@ -55,7 +55,7 @@ class Probe:
     @property
     def live(self) -> bool:
         """True on a running machine (local or SSH), False on a --root folder."""
-        return self._target.is_host
+        return self._target.live
 
     def link(self, path: str) -> str | None:
         info = self._target.lstat(path)
@@ -74,9 +74,9 @@ class Probe:
     def command(self, argv: list[str]) -> str | None:
         """stdout of a read-only command, or None when it cannot run here (a --root
         folder without the program) or fails."""
-        if self._target.cannot_run(tuple(argv)):
+        if self._target.cannot_execute(tuple(argv)):
             return None
-        result = self._target.run(argv, timeout=30)
+        result = self._target.execute(argv, timeout=30)
         return result.stdout if result.rc == 0 else None
 
 

@@ -28,7 +28,7 @@ is what the fleet waits for. So with at least HOSTS_PER_PROCESS hosts per CPU th
 hosts are shared among forked worker processes (one per CPU, each with its own
 threads), forked after every host is prepared and before any thread or
 connection exists. A worker sends each finished host back through a pipe (pickled
-HostRun); the parent prints the progress and the table. XENRUN_FLEET_PROCESSES=N
+HostResult); the parent prints the progress and the table. XENRUN_FLEET_PROCESSES=N
 sets the number (1: threads only).
 """
 
@@ -63,7 +63,7 @@ FLOWS = {"setup": run.setup_prepared, "rollback": run.rollback_prepared, "promot
 
 
 @dataclass
-class HostRun:
+class HostResult:
     """One host's part of a fleet run."""
 
     host: str
@@ -85,18 +85,18 @@ class HostRun:
 
 @dataclass
 class Fleet:
-    runs: list[HostRun]
+    hosts: list[HostResult]
     seconds: float
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.runs)
+        return all(r.ok for r in self.hosts)
 
     @property
     def exit_code(self) -> int:
         """0 when every host ended well; 3 when only plugins' faults stopped hosts
         (errors.PluginFault); else 1."""
-        bad = {r.status for r in self.runs if not r.ok}
+        bad = {r.status for r in self.hosts if not r.ok}
         return 0 if not bad else 3 if bad == {"plugin fault"} else 1
 
 
@@ -154,11 +154,11 @@ def prepare_all(options: run.Options, names: list[str]) -> list[run.Prepared]:
     return prepared
 
 
-def _one(p: run.Prepared, options: run.Options, confirm, flow: str) -> HostRun:
+def _one(p: run.Prepared, options: run.Options, confirm, flow: str) -> HostResult:
     """``flow`` on one host, on its thread; every failure becomes its status."""
     started = time.perf_counter()
     target = p.target
-    out = HostRun(p.host.name, "error", target=str(target))
+    out = HostResult(p.host.name, "error", target=str(target))
     with structlog.contextvars.bound_contextvars(host=p.host.name):
         try:
             done = FLOWS[flow](p, options, confirm)
@@ -190,16 +190,16 @@ def _one(p: run.Prepared, options: run.Options, confirm, flow: str) -> HostRun:
 
 
 def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, parallel: int,
-             progress, flow: str = "setup") -> list[HostRun]:
+             progress, flow: str = "setup") -> list[HostResult]:
     """Each host on a pool thread (of this process or of a worker process), at most
     ``parallel`` at once; ``progress(done, total, host_run)`` as each finishes.
     Returns runs in the order of ``prepared``."""
     if any(p.target.remote for p in prepared):
         import fabric  # noqa: F401 - imported once here rather than by many threads at once
-    runs: dict[str, HostRun] = {}
+    runs: dict[str, HostResult] = {}
     lock = threading.Lock()
 
-    def finished(r: HostRun) -> None:
+    def finished(r: HostResult) -> None:
         with lock:
             runs[r.host] = r
             if progress:
@@ -220,7 +220,7 @@ def _run_all(prepared: list[run.Prepared], options: run.Options, confirm_for, pa
             reader.join()
             for p in share:  # a worker that died (killed, a bug) leaves its hosts unreported
                 if p.host.name not in runs:
-                    finished(HostRun(p.host.name, "error", target=str(p.target),
+                    finished(HostResult(p.host.name, "error", target=str(p.target),
                                      error=f"its worker process ended first ({_ended(status)})"))
     return [runs[p.host.name] for p in prepared]
 
@@ -272,7 +272,7 @@ def _fork_worker(share: list[run.Prepared], options: run.Options, confirm_for, p
     code = 1
     try:
         with os.fdopen(write, "wb") as out:
-            def send(r: HostRun) -> None:
+            def send(r: HostResult) -> None:
                 out.write(_portable(r))
                 out.flush()
             _run_threads(share, options, confirm_for, parallel, send, flow)
@@ -283,8 +283,8 @@ def _fork_worker(share: list[run.Prepared], options: run.Options, confirm_for, p
         os._exit(code)  # no atexit handlers, no flushing of buffers the parent owns
 
 
-def _portable(r: HostRun) -> bytes:
-    """The pickled HostRun (without its plan if a plugin's Change cannot be pickled)."""
+def _portable(r: HostResult) -> bytes:
+    """The pickled HostResult (without its plan if a plugin's Change cannot be pickled)."""
     try:
         return pickle.dumps(r)
     except Exception as e:  # noqa: BLE001 - a third-party Change holding something odd

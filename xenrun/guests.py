@@ -315,8 +315,8 @@ def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str
                         " nothing to boot; install GRUB's config in the guest first (grub-mkconfig -o"
                         " /boot/grub/grub.cfg, with the root partition's UUID: S20), then finish-install")
     notes += guest_notes(domain, images)
-    if p.target.is_host and not p.target.cannot_run(("xl", "list", domain.name)) and \
-            p.target.run(("xl", "list", domain.name), timeout=60).rc == 0:
+    if p.target.live and not p.target.cannot_execute(("xl", "list", domain.name)) and \
+            p.target.execute(("xl", "list", domain.name), timeout=60).rc == 0:
         notes.append(f"{domain.name} is running: power it off inside the guest, then `xl create -c"
                      f" {domain.config_path}` boots it from its disk (S21)")
     if domain.iso_boot:
@@ -340,7 +340,7 @@ def guest_images(p: run.Prepared, domain: Domain) -> list[str]:
         else:
             _plugin, answer = p.plugins.domain_disk(facts, p.host, domain, disk)
             path = xlcfg.disk_target(answer.entry) if answer else None
-        if not path or (path.startswith("/dev/") and not p.target.is_host):
+        if not path or (path.startswith("/dev/") and not p.target.live):
             continue
         here = p.target.local_path(path)
         if here is not None and os.path.exists(here):
@@ -427,11 +427,11 @@ def listing(opts: DomainOptions) -> dict:
     p = run.prepare(opts.run)
     domains = host_domains(p, opts.domains)
     running, why = None, None
-    reason = p.target.cannot_run(("xl", "list"))
+    reason = p.target.cannot_execute(("xl", "list"))
     if reason:
         why = f"xl cannot run here: {reason}"
     else:
-        r = p.target.run(("xl", "list"), timeout=60)
+        r = p.target.execute(("xl", "list"), timeout=60)
         if r.rc == 0:
             running = {line.split()[0] for line in r.stdout.splitlines()[1:] if line.split()}
         else:

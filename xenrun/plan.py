@@ -152,18 +152,18 @@ def unified(path: str, before: State, after: State) -> str:
     return text if text.endswith("\n") or not text else text + "\n\\ No newline at end of file\n"
 
 
-def assess(changes: list[Change], target, owed: frozenset = frozenset()) -> list[Outcome]:
-    """Diff every change against the target, in order. Reads only. ``owed``: argv
+def assess(changes: list[Change], target, pending: frozenset = frozenset()) -> list[Outcome]:
+    """Diff every change against the target, in order. Reads only. ``pending``: argv
     tuples of commands an earlier --files-only run left for the host (still needed)."""
     # a network switch runs only on the live host; elsewhere only its files are written
-    changes = expand(changes, live=target.is_host and not target.files_only)
+    changes = expand(changes, live=target.live and not target.files_only)
     read, look = _paths_of(changes)
     target.prefetch(read, stat_only=look)  # an SSH target: every path in one round trip
     view = Overlay(target)
     changed_paths: set[str] = set()
     outcomes = []
     for change in changes:
-        outcome = _assess_one(change, view, target, changed_paths, owed)
+        outcome = _assess_one(change, view, target, changed_paths, pending)
         if outcome.action == CHANGE and outcome.path:
             changed_paths.add(outcome.path)
             view.planned[outcome.path] = outcome.after
@@ -186,7 +186,7 @@ def _leave_what_cannot_run(outcomes: list[Outcome], target) -> list[Outcome]:
     for index, outcome in enumerate(outcomes):
         if outcome.action == CHANGE and isinstance(outcome.change, WriteFile) and outcome.change.mode & 0o111:
             written.add(outcome.change.path)
-        blocked = target.cannot_run(outcome.change.argv, outcome.change.argv[0] in written) \
+        blocked = target.cannot_execute(outcome.change.argv, outcome.change.argv[0] in written) \
             if id(outcome) in asked else None
         if blocked:
             outcomes[index] = Outcome(outcome.change, PENDING, f"left for the host: {blocked}; needed: {outcome.reason}",
@@ -222,7 +222,7 @@ def _file_outcome(change, path: str, before: State, after: State, same_reason: s
     return Outcome(change, CHANGE, f"{verb} {path}", before, after, unified(path, before, after))
 
 
-def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: frozenset = frozenset()) -> Outcome:
+def _assess_one(change: Change, view: Overlay, target, changed: set[str], pending: frozenset = frozenset()) -> Outcome:
     if isinstance(change, WriteFile):
         before = view.destination(change.path, change.plugin)
         after = State("file", _same_line_endings(before, change.content),
@@ -251,9 +251,9 @@ def _assess_one(change: Change, view: Overlay, target, changed: set[str], owed: 
     if isinstance(change, SparseFile):
         return _assess_sparse(change, view)
     if isinstance(change, SwitchNetwork):
-        return _assess_switch(change, view, target, changed, owed)
+        return _assess_switch(change, view, target, changed, pending)
     if isinstance(change, RunCommand):
-        return _assess_command(change, view, target, changed, owed)
+        return _assess_command(change, view, target, changed, pending)
     raise PlanError(f"unknown change type {type(change).__name__} from plugin {change.plugin!r}")
 
 
@@ -278,20 +278,20 @@ def _assess_sparse(change: SparseFile, view: Overlay) -> Outcome:
 
 
 def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str],
-                    owed: frozenset = frozenset()) -> Outcome:
+                    pending: frozenset = frozenset()) -> Outcome:
     word = " ".join(change.argv)
     reasons = []
-    if change.argv in owed:  # its onchange files changed in that run, not in this one
+    if change.argv in pending:  # its onchange files changed in that run, not in this one
         reasons.append("left for the host by an earlier --files-only run")
     if change.onchange and changed.intersection(change.onchange):
         reasons.append(f"{', '.join(sorted(changed.intersection(change.onchange)))} changed")
     if change.creates is not None and not view.exists(change.creates):
         reasons.append(f"{change.creates} does not exist")
     if change.unless is not None:
-        blocked = target.cannot_run(change.unless)
+        blocked = target.cannot_execute(change.unless)
         if blocked:
             reasons.append(f"cannot check whether done ({change.unless[0]} cannot run)")
-        elif target.run(change.unless, timeout=60).rc != 0:
+        elif target.execute(change.unless, timeout=60).rc != 0:
             reasons.append(f"{' '.join(change.unless)} says not done")
     if not reasons:
         done = [f"{change.creates} exists"] if change.creates else []
@@ -301,7 +301,7 @@ def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str]
     return Outcome(change, CHANGE, "; ".join(reasons), diff=f"$ {word}\n")  # or pending: _leave_what_cannot_run
 
 
-def _assess_switch(change: SwitchNetwork, view: Overlay, target, changed: set[str], owed: frozenset) -> Outcome:
+def _assess_switch(change: SwitchNetwork, view: Overlay, target, changed: set[str], pending: frozenset) -> Outcome:
     """A network switch: its files diffed as WriteFile and RemoveFile would be, and
     its run needed when one of them changes or the bridge is not as planned."""
     files, diffs = [], []
@@ -310,7 +310,7 @@ def _assess_switch(change: SwitchNetwork, view: Overlay, target, changed: set[st
         if outcome.action == CHANGE:
             files.append((file.path, outcome.after))
             diffs.append(outcome.diff)
-    command = _assess_command(change, view, target, changed, owed)
+    command = _assess_command(change, view, target, changed, pending)
     if files:
         reason = f"{', '.join(p for p, _ in files)} to change" + (
             f"; {command.reason}" if command.action == CHANGE else "")

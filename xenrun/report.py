@@ -80,28 +80,28 @@ def progress_line(done: int, total: int, host_run) -> str:
 
 def fleet_summary(fleet) -> dict:
     by_status: dict[str, int] = {}
-    for r in fleet.runs:
+    for r in fleet.hosts:
         by_status[r.status] = by_status.get(r.status, 0) + 1
-    totals = {k: sum(r.summary()[k] for r in fleet.runs) for k in ("changed", "unchanged", "pending")}
-    return {"hosts": len(fleet.runs), "ok": sum(r.ok for r in fleet.runs),
-            "not_ok": sum(not r.ok for r in fleet.runs), "statuses": by_status, **totals,
+    totals = {k: sum(r.summary()[k] for r in fleet.hosts) for k in ("changed", "unchanged", "pending")}
+    return {"hosts": len(fleet.hosts), "ok": sum(r.ok for r in fleet.hosts),
+            "not_ok": sum(not r.ok for r in fleet.hosts), "statuses": by_status, **totals,
             "seconds": round(fleet.seconds, 3)}
 
 
 def fleet_table(fleet) -> str:
     """The table at the end of a fleet run, then one line per host that failed."""
-    width = max([4] + [len(r.host) for r in fleet.runs])
+    width = max([4] + [len(r.host) for r in fleet.hosts])
     out = [f"{'host':<{width}}  {'changed':>7}  {'unchanged':>9}  {'pending':>7}  {'status':<13}  {'seconds':>7}"]
-    for r in fleet.runs:
+    for r in fleet.hosts:
         s = r.summary()
         out.append(f"{r.host:<{width}}  {s['changed']:>7}  {s['unchanged']:>9}  {s['pending']:>7}"
                    f"  {r.status:<13}  {r.seconds:>7.2f}")
     total = fleet_summary(fleet)
     statuses = ", ".join(f"{n} {status}" for status, n in sorted(total["statuses"].items()))
-    planned = all(r.status in ("planned", "not applied", "read") or not r.ok for r in fleet.runs)
+    planned = all(r.status in ("planned", "not applied", "read") or not r.ok for r in fleet.hosts)
     verb = "to change" if planned else "changed"  # a --dry fleet changed nothing
     out.append(f"{total['hosts']} host(s): {statuses}; {total['changed']} {verb} in {fleet.seconds:.2f} s")
-    out += [f"{r.host}: {r.status}: {r.error}" for r in fleet.runs if r.error]
+    out += [f"{r.host}: {r.status}: {r.error}" for r in fleet.hosts if r.error]
     return "\n".join(out) + "\n"
 
 
@@ -109,13 +109,13 @@ def fleet_text(fleet, plans: bool) -> str:
     """``plans``: every host's plan first (--dry, or before asking), then the table."""
     out = []
     if plans:
-        out += [text(r.result, show_unchanged=False) for r in fleet.runs if r.result]
+        out += [text(r.result, show_unchanged=False) for r in fleet.hosts if r.result]
     return "\n".join(out + [fleet_table(fleet)])
 
 
 def fleet_json(fleet) -> str:
     hosts = []
-    for r in fleet.runs:
+    for r in fleet.hosts:
         item = as_dict(r.result) if r.result else {
             "host": r.host, "target": r.target, "plan": [],
             "report": {"status": r.status, "run": None, "notes": []}, "summary": r.summary()}

@@ -17,7 +17,7 @@ import structlog
 
 from xenrun import hooks, logs, registry
 from xenrun.apply import Applier, remove_created_folders, rollback_changes
-from xenrun.state import STATE_DIR, Journal, left_by, owed_commands, read_state, remember_owed, run_ids, still_owed
+from xenrun.state import STATE_DIR, Journal, left_by, pending_commands, read_state, remember_pending, run_ids, still_pending
 from xenrun.changes import Change, RunCommand
 from xenrun.config import Host, HostSpec, Site, load_site
 from xenrun.errors import ApplyError, TargetError, UsageError
@@ -138,7 +138,7 @@ def warm_up_reads(target: Target, plugins: HostPlugins) -> None:
 
 def _hostname(target: Target) -> str:
     data = target.read("/etc/hostname")
-    name = data.decode().strip() if data else (socket.gethostname() if target.is_host else "")
+    name = data.decode().strip() if data else (socket.gethostname() if target.live else "")
     try:
         return check_name(name.split(".")[0])
     except ValueError:
@@ -164,7 +164,7 @@ class Plan:
     changes: list[Change]
     notes: list[str] = dataclasses.field(default_factory=list)
     rollback_of: str | None = None
-    takes_back: bool = False  # a rollback: the commands owed are not this plan's to carry out
+    takes_back: bool = False  # a rollback: the commands pending are not this plan's to carry out
 
 
 def summary(outcomes: list[Outcome], results: list[str] | None = None) -> dict:
@@ -216,7 +216,7 @@ def read_ahead(p: Prepared, make) -> None:
             before = len(p.plugins.notes)
             p.target.lstat(f"{STATE_DIR}/lock")  # taken before an apply
             read_state(p.target)
-            assess(make(), p.target, owed_commands(p.target))
+            assess(make(), p.target, pending_commands(p.target))
             del p.plugins.notes[before:]  # the real planning notes them
     p.target.read_ahead(reads)
 
@@ -233,8 +233,8 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
     lock after an apply (a rollback's own bookkeeping)."""
     with structlog.contextvars.bound_contextvars(host=p.host.name):
         plan = _planned(p, make)
-        owed = owed_commands(p.target)
-        outcomes = assess(plan.changes, p.target, owed)
+        pending = pending_commands(p.target)
+        outcomes = assess(plan.changes, p.target, pending)
         stop = blocked(outcomes, p.target)
         interrupted = interrupted_runs(p.target)
         if options.dry:
@@ -245,7 +245,7 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
             return Result(p.host.name, str(p.target), outcomes, "planned", notes=plan.notes + ([stop] if stop else []))
         if stop:
             raise TargetError(stop)
-        if not interrupted and not _to_do(plan, outcomes, owed):
+        if not interrupted and not _to_do(plan, outcomes, pending):
             return Result(p.host.name, str(p.target), outcomes, "nothing to do", notes=plan.notes)
         applier = Applier(p.target, p.host.name, log, kind=kind)
         applier.lock()
@@ -253,15 +253,15 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
             recovered = applier.recover()
             if recovered:
                 plan = _planned(p, make)
-            owed = owed_commands(p.target)
-            outcomes = assess(plan.changes, p.target, owed)  # again, under the lock
+            pending = pending_commands(p.target)
+            outcomes = assess(plan.changes, p.target, pending)  # again, under the lock
             if stop := blocked(outcomes, p.target):
                 raise TargetError(stop)
             result = Result(p.host.name, str(p.target), outcomes, "planned",
                             notes=[f"undid interrupted run {r}" for r in recovered] + plan.notes)
-            if not _to_do(plan, outcomes, owed):
+            if not _to_do(plan, outcomes, pending):
                 if not plan.takes_back:
-                    remember_owed(p.target, owed, still_owed(outcomes, owed))
+                    remember_pending(p.target, pending, still_pending(outcomes, pending))
                 result.status = "nothing to do"
                 return result
             if not options.yes and not confirm(result):
@@ -271,9 +271,9 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
                 applier = Applier(p.target, p.host.name, log, kind=kind, rollback_of=plan.rollback_of)
             at = None if plan.takes_back else _replan_at(outcomes)
             if at is not None:
-                return _apply_replanning(p, make, options, confirm, kind, result, at, owed)
+                return _apply_replanning(p, make, options, confirm, kind, result, at, pending)
             # a rollback's finish drops what its run left instead
-            done = applier.apply(outcomes, None if plan.takes_back else owed_after(outcomes, owed))
+            done = applier.apply(outcomes, None if plan.takes_back else pending_after(outcomes, pending))
             result.status, result.run, result.results = "applied", done["run"], done["results"]
             if finish:
                 finish(result, plan)
@@ -282,9 +282,9 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
             applier.unlock()
 
 
-def owed_after(outcomes: list[Outcome], owed: frozenset):
-    """For Applier.apply: the commands owed before and after, from its results."""
-    return lambda results: (owed, still_owed(outcomes, owed, results))
+def pending_after(outcomes: list[Outcome], pending: frozenset):
+    """For Applier.apply: the commands pending before and after, from its results."""
+    return lambda results: (pending, still_pending(outcomes, pending, results))
 
 
 def _replan_at(outcomes: list[Outcome]) -> int | None:
@@ -296,7 +296,7 @@ def _replan_at(outcomes: list[Outcome]) -> int | None:
 
 
 def _apply_replanning(p: Prepared, make, options: Options, confirm, kind: str, result: Result, at: int,
-                      owed: frozenset) -> Result:
+                      pending: frozenset) -> Result:
     """Under the lock: apply the plan up to and including the replan command at
     ``at``, as a run of its own, then gather the facts again, plan again and apply
     the rest as a second run (asked again without --yes). A failure of the second
@@ -307,7 +307,7 @@ def _apply_replanning(p: Prepared, make, options: Options, confirm, kind: str, r
     command = " ".join(head[-1].change.argv)
     read_ahead(p, make)
     plan = _planned(p, make)
-    outcomes = assess(plan.changes, p.target, owed)
+    outcomes = assess(plan.changes, p.target, pending)
     if stop := blocked(outcomes, p.target):
         raise TargetError(f"{stop} (run {first['run']}, `{command}`, was applied and is kept)")
     # the plan made again repeats what came before the command (done now)
@@ -319,14 +319,14 @@ def _apply_replanning(p: Prepared, make, options: Options, confirm, kind: str, r
                          " installed"] + plan.notes)
     combined = Result(p.host.name, str(p.target), head + shown, "applied", first["run"], first["results"]
                       + [o.action for o in shown], notes=result.notes + [n for n in rest.notes if n not in result.notes])
-    if not _to_do(plan, outcomes, owed):
-        remember_owed(p.target, owed, still_owed(outcomes, owed))
+    if not _to_do(plan, outcomes, pending):
+        remember_pending(p.target, pending, still_pending(outcomes, pending))
         return combined
     if not options.yes and not confirm(rest):
         combined.notes.append("the rest of the plan was not applied: run setup again to see it")
         return combined
     try:
-        done = Applier(p.target, p.host.name, log, kind=kind).apply(outcomes, owed_after(outcomes, owed))
+        done = Applier(p.target, p.host.name, log, kind=kind).apply(outcomes, pending_after(outcomes, pending))
     except ApplyError as e:
         raise ApplyError(f"{e}; run {first['run']} (`{command}`) before it is kept: the next setup goes on"
                          " from there") from e
@@ -348,12 +348,12 @@ def _planned(p: Prepared, make) -> Plan:
     return plan
 
 
-def _to_do(plan: Plan, outcomes, owed) -> bool:
-    """Whether applying would change anything: a change, a command owed that this
+def _to_do(plan: Plan, outcomes, pending) -> bool:
+    """Whether applying would change anything: a change, a command pending that this
     plan carries out, or a rollback to record (even with nothing to put back, so
     that the next rollback goes one run further)."""
     return (plan.rollback_of is not None or any(o.action == CHANGE for o in outcomes)
-            or not plan.takes_back and still_owed(outcomes, owed) != owed)
+            or not plan.takes_back and still_pending(outcomes, pending) != pending)
 
 
 def setup(options: Options, confirm) -> Result:
@@ -383,9 +383,9 @@ def rollback_prepared(p: Prepared, options: Options, confirm) -> Result:
     def finish(result: Result, plan: Plan) -> None:
         run_id = plan.rollback_of
         remove_created_folders(p.target, run_id)
-        owed, dropped = owed_commands(p.target), left_by(p.target, run_id)
+        pending, dropped = pending_commands(p.target), left_by(p.target, run_id)
         if dropped:  # what that run left for the host follows files that are back as they were
-            remember_owed(p.target, owed, owed - dropped)
+            remember_pending(p.target, pending, pending - dropped)
             result.notes += [f"no longer left for the host (run {run_id} is rolled back): {' '.join(argv)}"
                              for argv in sorted(dropped)]
         if result.run is None:  # nothing differed: record the rollback all the same
@@ -550,7 +550,7 @@ def _check_dom0(p: Prepared, facts: Facts) -> None:
     if not facts.xen_dom0:
         raise UsageError(f"{p.host.name}: not running as Xen's Domain-0 (/proc/xen/capabilities);"
                          " reboot into Xen first (setup boots it once), then promote")
-    listing = p.target.run(("xl", "list"), timeout=60)
+    listing = p.target.execute(("xl", "list"), timeout=60)
     if listing.rc != 0 or not re.search(r"^Domain-0\s", listing.stdout, re.M):
         raise UsageError(f"{p.host.name}: `xl list` does not show Domain-0 (S15, S24): "
                          f"{(listing.stderr or listing.stdout).strip()[:200]}")

@@ -152,7 +152,7 @@ def _pending(target) -> list[tuple[tuple, str | None]]:
         return []
 
 
-def owed_commands(target) -> frozenset:
+def pending_commands(target) -> frozenset:
     """The argv tuples an earlier --files-only run left for the host and no run has
     carried out since (a command guarded only by ``onchange`` would otherwise be
     forgotten: the files it follows are unchanged on the next run)."""
@@ -161,40 +161,40 @@ def owed_commands(target) -> frozenset:
 
 
 def left_by(target, run_id: str) -> frozenset:
-    """The commands owed because run ``run_id`` left them."""
+    """The commands pending because run ``run_id`` left them."""
     return frozenset(argv for argv, run in _pending(target) if run == run_id)
 
 
-def still_owed(outcomes: list[Outcome], owed: frozenset, results: list[str] | None = None) -> frozenset:
-    """What is owed after a run: commands left pending now, and those owed before
+def still_pending(outcomes: list[Outcome], pending: frozenset, results: list[str] | None = None) -> frozenset:
+    """What is pending after a run: commands left pending now, and those pending before
     that did not run (``results``: the apply's status per outcome)."""
     now = set()
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome.change, RunCommand):
             ran = results is not None and results[index] == "changed"
-            if outcome.action == PENDING or (outcome.change.argv in owed and not ran):
+            if outcome.action == PENDING or (outcome.change.argv in pending and not ran):
                 now.add(outcome.change.argv)
     return frozenset(now)
 
 
-def owed_file(target, owed: frozenset, now: frozenset, run: str | None = None) -> bytes | None:
-    """The pending file's new content for the commands owed ``now`` (each with
+def pending_file_data(target, pending: frozenset, now: frozenset, run: str | None = None) -> bytes | None:
+    """The pending file's new content for the commands pending ``now`` (each with
     the run that left it: ``run`` for those new now), None when none are."""
     if not now:
         return None
     before = dict(_pending(target))
     commands = sorted(now)
     text = json.dumps({"commands": [list(argv) for argv in commands],
-                       "runs": [before.get(argv) if argv in owed else run for argv in commands]}, indent=1)
+                       "runs": [before.get(argv) if argv in pending else run for argv in commands]}, indent=1)
     return text.encode() + b"\n"
 
 
-def remember_owed(target, owed: frozenset, now: frozenset, run: str | None = None) -> None:
-    """Write the commands owed (under the lock, outside any run), or remove the
+def remember_pending(target, pending: frozenset, now: frozenset, run: str | None = None) -> None:
+    """Write the commands pending (under the lock, outside any run), or remove the
     file when none are."""
-    if now == owed:
+    if now == pending:
         return
-    if (data := owed_file(target, owed, now, run)) is not None:
+    if (data := pending_file_data(target, pending, now, run)) is not None:
         target.write_atomic(PENDING_FILE, data, 0o600)
     else:
         target.remove(PENDING_FILE)
@@ -205,9 +205,9 @@ def run_ids(target) -> list[str]:
 
 
 def read_state(target) -> None:
-    """Read what a run reads of xenrun's state on the target (the commands owed,
+    """Read what a run reads of xenrun's state on the target (the commands pending,
     every run's journal): an SSH target fetches it all in one go before."""
-    owed_commands(target)
+    pending_commands(target)
     for run_id in run_ids(target):
         Journal.read(target, run_id)
 

@@ -71,7 +71,7 @@ def _fleet(flow, root, host, config, dry, yes, files_only, fmt, all_hosts, paral
 
     def ask(planned) -> bool:
         sys.stdout.write(report.fleet_text(planned, plans=True))
-        hosts = [r for r in planned.runs if r.ok and r.summary()["changed"]]
+        hosts = [r for r in planned.hosts if r.ok and r.summary()["changed"]]
         changes = sum(r.summary()["changed"] for r in hosts)
         return input(f"Apply {changes} change(s) to {len(hosts)} host(s)? [y/N] ").strip().lower() in ("y", "yes")
 
@@ -81,7 +81,7 @@ def _fleet(flow, root, host, config, dry, yes, files_only, fmt, all_hosts, paral
         sys.stdout.write(report.fleet_json(result))
     else:
         if flow == "facts":
-            for r in result.runs:
+            for r in result.hosts:
                 if r.facts is not None:
                     _print_facts(r.host, r.facts)
         sys.stdout.write(report.fleet_text(result, plans=dry))

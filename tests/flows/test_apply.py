@@ -176,7 +176,7 @@ def test_sigkill_at_every_point_leaves_old_or_new_and_the_next_run_converges(sit
     assert crash_points >= len(managed) * 2
 
 
-def _owed(root) -> list:
+def _pending_commands(root) -> list:
     pending = root / STATE / "pending"
     return json.loads(pending.read_text())["commands"] if pending.exists() else []
 
@@ -192,15 +192,15 @@ def test_sigkill_at_every_point_of_a_files_only_run_keeps_the_commands_left_for_
     shutil.copytree(site, reference, symlinks=True)
     args = ("setup", "--host", "lab", "--yes", "--files-only")
     assert run_xenrun(*args, "--config", reference / "plugins.toml").returncode == 0
-    new, owed = file_map(reference / "hosts/lab"), _owed(reference / "hosts/lab")
-    assert owed == [["true"]], owed
+    new, pending = file_map(reference / "hosts/lab"), _pending_commands(reference / "hosts/lab")
+    assert pending == [["true"]], pending
     point = 0
     for point, work, root in _killed_at_each_point(site, tmp_path, *args):
-        assert _owed(root) in ([], owed), f"pending partial after a kill at point {point}"
+        assert _pending_commands(root) in ([], pending), f"pending partial after a kill at point {point}"
         r = run_xenrun(*args, "--config", work / "plugins.toml")
         assert r.returncode == 0, f"point {point}: {r.stderr}"
         assert file_map(root) == new, f"did not converge after a kill at point {point}"
-        assert _owed(root) == owed, f"commands left for the host lost after a kill at point {point}"
+        assert _pending_commands(root) == pending, f"commands left for the host lost after a kill at point {point}"
     assert point >= 10
 
 
@@ -260,8 +260,8 @@ def test_a_command_left_for_the_host_stays_listed_until_it_runs(site):
 
     first = setup("--files-only")
     assert first["report"]["status"] == "applied" and first["summary"]["pending"] == 1
-    owed = json.loads((root / "var/lib/xenrun/pending").read_text())
-    assert owed == {"commands": [["touch", "/etc/ran"]], "runs": [first["report"]["run"]]}
+    pending = json.loads((root / "var/lib/xenrun/pending").read_text())
+    assert pending == {"commands": [["touch", "/etc/ran"]], "runs": [first["report"]["run"]]}
     again = setup("--files-only")
     assert again["report"]["status"] == "nothing to do"
     assert (again["summary"]["changed"], again["summary"]["pending"]) == (0, 1)
@@ -277,7 +277,7 @@ def test_a_command_left_for_the_host_stays_listed_until_it_runs(site):
 
 def test_a_rollback_takes_back_the_commands_its_run_left_for_the_host(site):
     """The commands a --files-only run left follow the files it changed: once the
-    rollback has put those files back, they are no longer owed; the next run
+    rollback has put those files back, they are no longer pending; the next run
     leaves them again if it changes the files again."""
     root = lab_host(site, 'command = ["touch", "/etc/ran"]', applets=("true",))
     config = site / "plugins.toml"

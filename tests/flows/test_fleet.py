@@ -225,18 +225,18 @@ def test_asking_once_applies_exactly_the_plans_that_were_shown(site):
     names = list(HOSTS)
     before = tree_hash(site)
     refused = fleet.setup(options, names, parallel=2, ask=lambda planned: False)
-    assert [r.status for r in refused.runs] == ["not applied"] * 4 and tree_hash(site) == before
+    assert [r.status for r in refused.hosts] == ["not applied"] * 4 and tree_hash(site) == before
 
     asked = []
 
     def ask(planned):
-        asked.append([r.status for r in planned.runs])
+        asked.append([r.status for r in planned.hosts])
         fstab = site / "hosts" / "arch-uefi" / "etc" / "fstab"  # edited while the user reads the plans
         fstab.write_text(fstab.read_text() + "# edited\n")
         return True
     done = fleet.setup(options, names, parallel=2, ask=ask)
     assert asked == [["planned"] * 4]
-    status = {r.host: r for r in done.runs}
+    status = {r.host: r for r in done.hosts}
     assert status["arch-uefi"].status == "not applied"
     assert "the plan changed after it was shown" in " ".join(status["arch-uefi"].result.notes)
     assert all(status[n].status == "applied" for n in names if n != "arch-uefi")

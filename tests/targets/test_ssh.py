@@ -129,7 +129,7 @@ def test_facts_of_this_machine_over_ssh_equal_local_facts(sshd):
     target = ssh_target(sshd)
     remote = core.detect_hardware(Probe(target))
     local = core.detect_hardware(Probe(LocalTarget("/")))
-    assert remote["live"] is True and target.is_host
+    assert remote["live"] is True and target.live
     assert remote == local
     print(f"this machine: facts over SSH in {dict(target.stats)}")
 
@@ -419,11 +419,11 @@ def test_lock_is_released_when_the_session_ends(site, sshd):
 def test_run_frames_output_and_quotes_arguments(sshd, tmp_path):
     target = ssh_target(sshd)
     odd = "it's $HOME `id` \"q\" \\ ; rm -rf /nothing\nline2"
-    r = target.run(["printf", "%s", odd])
+    r = target.execute(["printf", "%s", odd])
     assert (r.rc, r.stdout) == (0, odd)
-    r = target.run(["sh", "-c", "cat; echo err >&2; exit 7"], input="in\x01put")
+    r = target.execute(["sh", "-c", "cat; echo err >&2; exit 7"], input="in\x01put")
     assert (r.rc, r.stdout, r.stderr) == (7, "in\x01put", "err\n")
-    assert target.run(["no-such-program-xenrun"]).rc == 127
+    assert target.execute(["no-such-program-xenrun"]).rc == 127
     big = tmp_path / "big"
     big.write_bytes(os.urandom(300_000))
     assert target.read(str(big)) == big.read_bytes()
@@ -468,9 +468,9 @@ def test_a_host_that_stops_answering_mid_command_is_given_up_within_its_timeout(
     live host is not given up (its heartbeats are the shell's sign of life)."""
     from xenrun.errors import HostLost
     target = ssh_target(sshd, timeout=3)
-    assert target.run(["true"]).rc == 0
+    assert target.execute(["true"]).rc == 0
     started = time.monotonic()
-    assert target.run(["sleep", "7"]).rc == 0
+    assert target.execute(["sleep", "7"]).rc == 0
     assert time.monotonic() - started >= 7
     frozen = _session_processes(sshd.process.pid)
     assert frozen, "no sshd session process found"
@@ -479,7 +479,7 @@ def test_a_host_that_stops_answering_mid_command_is_given_up_within_its_timeout(
     started = time.monotonic()
     try:
         with pytest.raises(HostLost, match="stopped answering"):
-            target.run(["sleep", "120"])
+            target.execute(["sleep", "120"])
         print(f"given up after {time.monotonic() - started:.1f} s (timeout 3 s, frozen after 1 s)")
         assert time.monotonic() - started < 3 + 1 + 5
         with pytest.raises(HostLost, match="stopped answering"):  # and no new session to a host given up on

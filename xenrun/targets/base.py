@@ -118,7 +118,7 @@ def tmp_name(path: str) -> str:
 class Target(ABC):
     """A machine (or a machine root) that plans are read from and applied to.
 
-    ``before_rename(path, file_path)`` (write_atomic_many) and ``run_on_file(argv,
+    ``before_rename(path, file_path)`` (write_atomic_many) and ``execute_on_file(argv,
     file_path)`` share one contract: ``file_path`` is a str naming the file where it
     lies, as the machine that runs the check sees it (this machine for a local
     target, the host for an SSH one)."""
@@ -129,7 +129,7 @@ class Target(ABC):
 
     @property
     @abstractmethod
-    def is_host(self) -> bool:
+    def live(self) -> bool:
         """True for the live machine (not a root in a folder)."""
 
     # -- reading -----------------------------------------------------------------
@@ -192,7 +192,7 @@ class Target(ABC):
 
     # -- commands and the lock ---------------------------------------------------
     @abstractmethod
-    def cannot_run(self, argv: tuple[str, ...], written: bool = False) -> str | None:
+    def cannot_execute(self, argv: tuple[str, ...], written: bool = False) -> str | None:
         """Why ``argv`` cannot run on this target, or None when it can.
         ``written``: the plan writes the program (an executable file) before it runs."""
 
@@ -200,10 +200,10 @@ class Target(ABC):
     def find_program(self, program: str) -> str | None: ...
 
     @abstractmethod
-    def run(self, argv, timeout: float | None = None, input: str | None = None) -> Result: ...
+    def execute(self, argv, timeout: float | None = None, input: str | None = None) -> Result: ...
 
     @abstractmethod
-    def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
+    def execute_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
         """Run a check command on a file of the target, "{}" standing for ``file_path``."""
 
     @abstractmethod
@@ -220,7 +220,7 @@ class Target(ABC):
 
     def find_programs(self, programs: list[str]) -> None:
         """Look up the programs commands will need, all at once. Without a cache:
-        nothing (cannot_run looks each up)."""
+        nothing (cannot_execute looks each up)."""
 
     def read_ahead(self, reads: Callable[[], object]) -> None:
         """Run ``reads()`` against a cache, fetching in bulk what it asks for; its

@@ -46,11 +46,11 @@ class LocalTarget(Target):
         self._lock_fd: int | None = None
 
     @property
-    def is_host(self) -> bool:
+    def live(self) -> bool:
         return self.root == Path("/")
 
     def __str__(self) -> str:
-        return "local" if self.is_host else f"root {self.root}"
+        return "local" if self.live else f"root {self.root}"
 
     # -- paths -------------------------------------------------------------------
     def real(self, path: str, follow: bool = True) -> Path:
@@ -58,7 +58,7 @@ class LocalTarget(Target):
         (the last one too when ``follow``) and kept inside the root."""
         if not path.startswith("/"):
             raise TargetError(f"{self}: path must be absolute: {path!r}")
-        if self.is_host:
+        if self.live:
             return Path(os.path.realpath(path)) if follow else Path(os.path.normpath(path))
         def link_of(parts: list[str], _rest) -> str | None:
             candidate = self.root.joinpath(*parts)
@@ -255,13 +255,13 @@ class LocalTarget(Target):
         return found
 
     # -- commands ----------------------------------------------------------------
-    def cannot_run(self, argv: tuple[str, ...], written: bool = False) -> str | None:
+    def cannot_execute(self, argv: tuple[str, ...], written: bool = False) -> str | None:
         """Why ``argv`` cannot run on this target, or None when it can. With
         --files-only nothing runs, on any target: not a command, not a guard.
         ``written``: the plan writes the program before it runs (not looked for)."""
         if self.files_only:
             return "--files-only: commands are left for the host"
-        if self.is_host:
+        if self.live:
             return None
         if os.geteuid() != 0:
             return f"running commands inside {self.root} needs chroot, which needs root"
@@ -282,17 +282,17 @@ class LocalTarget(Target):
                     return c
         return None
 
-    def run(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
+    def execute(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
             input: str | None = None) -> Result:
         argv = tuple(argv)
-        reason = self.cannot_run(argv)
+        reason = self.cannot_execute(argv)
         if reason:
             raise TargetError(f"{self}: cannot run {argv[0]}: {reason}")
-        full = argv if self.is_host else ("chroot", str(self.root), *argv)
+        full = argv if self.live else ("chroot", str(self.root), *argv)
         env = {"PATH": ":".join(SEARCH_PATH), "LC_ALL": "C"}
         try:
             p = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input,
-                               env=env if not self.is_host else {**os.environ, "LC_ALL": "C"},
+                               env=env if not self.live else {**os.environ, "LC_ALL": "C"},
                                stdin=None if input is not None else subprocess.DEVNULL)
         except FileNotFoundError:
             return Result(argv, 127, "", f"{argv[0]}: command not found")
@@ -300,7 +300,7 @@ class LocalTarget(Target):
             return Result(argv, 124, "", f"{argv[0]}: timed out after {timeout} s")
         return Result(argv, p.returncode, p.stdout, p.stderr)
 
-    def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
+    def execute_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
         """Run a check command of this machine on a file of the target, "{}"
         standing for its path on this machine (validators such as
         grub-script-check read the file where it lies)."""

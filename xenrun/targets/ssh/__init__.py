@@ -92,7 +92,7 @@ class SSHTarget(Connection, Shell, Cache, Files, Target):
         self._invalidate()
 
     @property
-    def is_host(self) -> bool:
+    def live(self) -> bool:
         return self.root is None
 
     def __str__(self) -> str:

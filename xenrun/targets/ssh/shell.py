@@ -123,13 +123,13 @@ class Shell:
         return None
 
     # -- commands ----------------------------------------------------------------
-    def cannot_run(self, argv: tuple[str, ...], written: bool = False) -> str | None:
+    def cannot_execute(self, argv: tuple[str, ...], written: bool = False) -> str | None:
         """Why ``argv`` cannot run on this target, or None when it can. With
         --files-only nothing runs, on any target: not a command, not a guard.
         ``written``: the plan writes the program before it runs (not looked for)."""
         if self.files_only:
             return "--files-only: commands are left for the host"
-        if self.is_host:
+        if self.live:
             return None
         if self.user not in (None, "root"):
             return f"running commands inside {self.root} needs chroot, which needs root on the host"
@@ -168,7 +168,7 @@ class Shell:
     def find_programs(self, programs: list[str]) -> None:
         """Look up the programs commands will need, all in one fetch (a round
         more per level of links), when this target runs commands in a root."""
-        if self.is_host or self.files_only or self.user not in (None, "root") or self._cache_only:
+        if self.live or self.files_only or self.user not in (None, "root") or self._cache_only:
             return
         look = lambda: [self._magic_of(c) for p in programs if p not in self._programs  # noqa: E731
                         for c in _candidates(p)]
@@ -220,12 +220,12 @@ class Shell:
         answer, rc = self._request(script, None if timeout is None else timeout + self.timeout)
         return (rc, *split_output(answer, self._nonce))
 
-    def run(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
+    def execute(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
             input: str | None = None) -> Result:
         argv = tuple(argv)
         if self._spec is not None:
             return Result(argv, 1, "", "not run while reading speculatively")
-        reason = self.cannot_run(argv)
+        reason = self.cannot_execute(argv)
         if reason:
             raise TargetError(f"{self}: cannot run {argv[0]}: {reason}")
         self._invalidate()  # a command may change any file
@@ -250,7 +250,7 @@ class Shell:
             found[path] = (fields[0], int(fields[1]) * int(fields[2]), int(fields[2]) or 4096)
         return found if len(found) == len(paths) else {}
 
-    def run_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
+    def execute_on_file(self, argv: tuple[str, ...], file_path: str) -> Result:
         """Run a check command of the host (outside any root) on a file of the
         target, "{}" standing for its path on the host (the temp file before a rename)."""
         full = tuple(str(file_path) if a == "{}" else a for a in argv)
