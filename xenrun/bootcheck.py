@@ -284,6 +284,29 @@ def qemu_command(
     return argv
 
 
+def watch_pipes(proc: subprocess.Popen) -> selectors.BaseSelector:
+    """A selector over ``proc``'s stdout and stderr, both made non-blocking, for
+    read_pipes (the console loops of boot() and the tests' emulated host)."""
+    sel = selectors.DefaultSelector()
+    for f in (proc.stdout, proc.stderr):
+        os.set_blocking(f.fileno(), False)
+        sel.register(f, selectors.EVENT_READ)
+    return sel
+
+
+def read_pipes(sel: selectors.BaseSelector, wait: float):
+    """(stream, chunk) for each stream with something to read within ``wait``
+    seconds; ``chunk`` is b"" when the stream has closed (it is then unregistered)."""
+    for key, _ in sel.select(wait):
+        try:
+            chunk = os.read(key.fileobj.fileno(), 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            sel.unregister(key.fileobj)
+        yield key.fileobj, chunk
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """Kill a QEMU started in a session of its own (and anything it started), and reap it."""
     if proc.poll() is None:
@@ -350,29 +373,20 @@ def boot(
         # behind our back, and killpg below reaches anything QEMU spawned.
         start_new_session=True,
     )
-    sel = selectors.DefaultSelector()
+    sel = watch_pipes(proc)
     stderr_chunks: list[bytes] = []
     pending = b""
     try:
-        assert proc.stdout is not None and proc.stderr is not None
-        for f in (proc.stdout, proc.stderr):
-            os.set_blocking(f.fileno(), False)
-            sel.register(f, selectors.EVENT_READ)
         open_streams = 2
         while open_streams and not watcher.finished(time.monotonic() - start):
             elapsed = time.monotonic() - start
             if elapsed >= timeout:
                 watcher.timed_out(timeout)
                 break
-            for key, _ in sel.select(min(timeout - elapsed, watcher.next_wakeup(elapsed))):
-                try:
-                    chunk = os.read(key.fileobj.fileno(), 65536)
-                except BlockingIOError:
-                    continue
+            for stream, chunk in read_pipes(sel, min(timeout - elapsed, watcher.next_wakeup(elapsed))):
                 if not chunk:
-                    sel.unregister(key.fileobj)
                     open_streams -= 1
-                elif key.fileobj is proc.stderr:
+                elif stream is proc.stderr:
                     stderr_chunks.append(chunk)
                 else:
                     pending += chunk

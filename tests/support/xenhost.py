@@ -30,7 +30,6 @@ from __future__ import annotations
 import gzip
 import os
 import re
-import selectors
 import shlex
 import shutil
 import subprocess
@@ -587,12 +586,8 @@ def boot_xen_host(
     in_guest = False
     pending = b""
     err = b""
-    sel = selectors.DefaultSelector()
+    sel = bootcheck.watch_pipes(proc)
     try:
-        assert proc.stdout and proc.stderr
-        for f in (proc.stdout, proc.stderr):
-            os.set_blocking(f.fileno(), False)
-            sel.register(f, selectors.EVENT_READ)
         open_streams = 2
         while open_streams and not done:
             now = time.monotonic() - start
@@ -601,16 +596,11 @@ def boot_xen_host(
             if now >= timeout:
                 reason = f"timeout after {timeout:g} s; last marker: {max(seen, key=seen.get) if seen else 'none'}"
                 break
-            for key, _ in sel.select(min(0.5, timeout - now)):
-                try:
-                    chunk = os.read(key.fileobj.fileno(), 65536)
-                except BlockingIOError:
-                    continue
+            for stream, chunk in bootcheck.read_pipes(sel, min(0.5, timeout - now)):
                 if not chunk:
-                    sel.unregister(key.fileobj)
                     open_streams -= 1
                     continue
-                if key.fileobj is proc.stderr:
+                if stream is proc.stderr:
                     err += chunk
                     continue
                 pending += chunk
