@@ -9,7 +9,7 @@ FILES = {
     "/etc/default/xendomains": "XENDOMAINS_SAVE=\nXENDOMAINS_SHUTDOWN=\"--wait\"\n",
     "/etc/xen/bench/dom0.cfg": "dom0_mem=1024M,max:1024M\ndom0_max_vcpus=2\n",
 }
-FSTAB_LINE = "none /proc/xen xenfs defaults 0 0"  # xenrun: written by its xen plugin (S13)
+FSTAB_LINE = "none /proc/xen xenfs defaults,nofail 0 0"  # xenrun: written by its xen plugin (S13, its XENFS_LINE)
 LINK = ("/etc/systemd/system/multi-user.target.wants/xenstored.service", "/usr/lib/systemd/system/xenstored.service")
 # argv, the path whose existence says it is done
 COMMANDS = [
