@@ -19,6 +19,12 @@ pyinfra and ansible-core come from PyPI into .cache/bench-venv (created here on
 the first run). Ansible runs with forks = hosts and gather_facts off.
 
     .venv/bin/python benchmarks/fleet.py [--sizes 1,10,30] [--tools xenrun,fabric,pyinfra,ansible] [--repeat 3]
+
+It ends with issue 16's goals, each met or not: the ratios to Fabric and pyinfra,
+round trips per host, client CPU per host (user+sys of the tool's process and the
+workers it waits for, over the hosts) and seconds per extra host between the
+smallest and largest size. The curve to 100 hosts: --sizes 1,10,30,100 (the
+benchmark's sshd takes 100 connections starting at once: MaxStartups 200).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import statistics
@@ -243,8 +250,22 @@ def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     env = {**os.environ, "ANSIBLE_HOST_KEY_CHECKING": "False", "ANSIBLE_NOCOLOR": "1", "LC_ALL": "C.UTF-8",
            "ANSIBLE_LOCAL_TEMP": str(WORK / "ansible-tmp"), "PYTHONDONTWRITEBYTECODE": "1"}
     started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # the tool's own CPU (its forked workers included: they are waited for)
+    r.cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return time.perf_counter() - started, r
+
+
+def round_trips(r: subprocess.CompletedProcess) -> tuple[int, int] | None:
+    """xenrun's most round trips and SFTP requests on one host, from its JSON."""
+    try:
+        hosts = json.loads(r.stdout)["hosts"]
+    except (ValueError, KeyError):
+        return None
+    trips = [h["round_trips"].get("command", 0) + h["round_trips"].get("sftp_waits", 0) for h in hosts]
+    return max(trips), max(h["round_trips"].get("sftp", 0) for h in hosts)
 
 
 def xenrun_detail(r: subprocess.CompletedProcess) -> str:
@@ -272,7 +293,47 @@ def bench(tool: str, server, n: int) -> dict:
         if r.returncode != 0:
             detail = f"FAILED (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-400:]}"
         out[label] = (seconds, detail)
+        out[label + " cpu"] = r.cpu / n
+        if tool == "xenrun":
+            out[label + " trips"] = round_trips(r)
     out["done"] = check_done(roots)
+    return out
+
+
+# issue 16's goals: (what, xenrun's figure, the bound it must stay under)
+def goals(results: dict, runs: dict, slow: dict, sizes: list[int]) -> list[tuple[str, float | None, float]]:
+    def ratio(tool, n, label):
+        if ("xenrun", n) not in results or (tool, n) not in results:
+            return None
+        return results["xenrun", n][label][0] / results[tool, n][label][0]
+
+    def cpu(tool, n):
+        if not runs.get((tool, n)):
+            return None
+        return statistics.median(r["first cpu"] for r in runs[tool, n])
+
+    def slope(tool):
+        lo, hi = min(sizes), max(sizes)
+        if hi == lo or (tool, lo) not in results or (tool, hi) not in results:
+            return None
+        return (results[tool, hi]["first"][0] - results[tool, lo]["first"][0]) / (hi - lo)
+
+    n = 30 if 30 in sizes else max(sizes)
+    trips = [r.get("first trips") for r in runs.get(("xenrun", n), []) if r.get("first trips")]
+    again = [r.get("re-run trips") for r in runs.get(("xenrun", n), []) if r.get("re-run trips")]
+    out = [
+        (f"{n} hosts, first run, xenrun / Fabric", ratio("fabric", n, "first"), 1.3),
+        (f"{n} hosts, first run, xenrun / pyinfra", ratio("pyinfra", n, "first"), 0.33),
+        (f"{n} hosts, re-run, xenrun / Fabric", ratio("fabric", n, "re-run"), 1.2),
+        (f"{max(sizes)} hosts, root's real .bashrc, first run, xenrun / Fabric",
+         slow["xenrun"]["first"][0] / slow["fabric"]["first"][0] if {"xenrun", "fabric"} <= set(slow) else None, 1.5),
+        ("round trips per host, first run", max(t[0] for t in trips) if trips else None, 8),
+        ("round trips per host, re-run", max(t[0] for t in again) if again else None, 2),
+        (f"client CPU per host, first run, {n} hosts, xenrun / Fabric",
+         cpu("xenrun", n) / cpu("fabric", n) if cpu("xenrun", n) and cpu("fabric", n) else None, 1.3),
+        (f"seconds per extra host ({min(sizes)} to {max(sizes)}), xenrun / Fabric",
+         slope("xenrun") / slope("fabric") if slope("xenrun") and slope("fabric") else None, 1.3),
+    ]
     return out
 
 
@@ -303,12 +364,14 @@ def main() -> None:
         print("sshd with root's .bashrc bound to an empty file (pyenv init not paid):")
         print(f"medians of {args.repeat} runs each, taken in turns (range in brackets)")
         print(f"{'tool':<8} {'hosts':>5} {'first run':>22} {'re-run':>22}  job done  notes")
+        every: dict = {}
         for n in sizes:
             runs: dict = {tool: [] for tool in tools}
             for _ in range(args.repeat):
                 for tool in tools:
                     runs[tool].append(bench(tool, norc, n))
             for tool in tools:
+                every[tool, n] = runs[tool]
                 res = results[tool, n] = {label: (statistics.median(r[label][0] for r in runs[tool]),
                                                   runs[tool][-1][label][1],
                                                   min(r[label][0] for r in runs[tool]),
@@ -316,14 +379,16 @@ def main() -> None:
                                           for label in ("first", "re-run")}
                 done = next((r["done"] for r in runs[tool] if r["done"] != "ok"), "ok")
                 first, again = res["first"], res["re-run"]
+                cpu = statistics.median(r["first cpu"] for r in runs[tool]) * 1000
                 print(f"{tool:<8} {n:>5} {first[0]:>7.2f} s [{first[2]:.2f}-{first[3]:.2f}]"
                       f" {again[0]:>7.2f} s [{again[2]:.2f}-{again[3]:.2f}]  {done:<8}"
-                      f"  {first[1]}{' | re-run: ' + again[1] if again[1] else ''}", flush=True)
+                      f"  CPU {cpu:.0f} ms/host; {first[1]}{' | re-run: ' + again[1] if again[1] else ''}", flush=True)
         biggest = max(sizes)
         print(f"\nplain sshd: root's real .bashrc (pyenv init) runs for every session sshd starts,"
               f" {biggest} hosts:")
+        slow: dict = {}
         for tool in [t for t in ("xenrun", "fabric") if t in tools]:
-            res = bench(tool, plain, biggest)
+            res = slow[tool] = bench(tool, plain, biggest)
             print(f"{tool:<8} {biggest:>5} {res['first'][0]:>8.2f} s {res['re-run'][0]:>6.2f} s  {res['done']:<8}"
                   f"  {res['first'][1]}", flush=True)
         print("\n(xenrun: one SSH connection per host with a persistent shell, and an SFTP session once a run"
@@ -331,14 +396,16 @@ def main() -> None:
               " to do and twice on one that changes files; the Fabric script: one exec per host; pyinfra and"
               " Ansible: one per command or module)")
         if "xenrun" in tools:
-            print("\ngoals at the largest size (first run / re-run):")
-            x = results["xenrun", biggest]
-            for other, factor, word in (("pyinfra", 0.5, "under 0.5x pyinfra"), ("fabric", 2.0, "within 2x of Fabric")):
-                if (other, biggest) in results:
-                    o = results[other, biggest]
-                    ratios = [x[k][0] / o[k][0] for k in ("first", "re-run")]
-                    verdict = "met" if all(r <= factor for r in ratios) else "NOT met"
-                    print(f"  {word}: xenrun/{other} = {ratios[0]:.2f} / {ratios[1]:.2f}  -> {verdict}")
+            print("\nissue 16's goals (medians of this run):")
+            for what, figure, bound in goals(results, every, slow, sizes):
+                verdict = "not measured" if figure is None else "met" if figure <= bound else "NOT met"
+                shown = "-" if figure is None else f"{figure:.2f}"
+                print(f"  {what}: {shown} (goal <= {bound:g})  -> {verdict}")
+            for tool in tools:
+                lo, hi = min(sizes), max(sizes)
+                if hi > lo:
+                    per = (results[tool, hi]["first"][0] - results[tool, lo]["first"][0]) / (hi - lo)
+                    print(f"  {tool}: {per * 1000:.1f} ms per extra host on a first run ({lo} to {hi} hosts)")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         plain.stop()

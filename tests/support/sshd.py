@@ -103,7 +103,7 @@ UsePAM no
 UseDNS no
 PrintMotd no
 MaxSessions 50
-MaxStartups 50:30:100
+MaxStartups 200
 Subsystem sftp {sftp}
 """ + (f"SetEnv TMPDIR={read_only_tmp}\n" if read_only_tmp else ""))
     command = [SSHD, "-D", "-e", "-f", str(config)]
