@@ -25,7 +25,7 @@ from typing import Any
 
 from xenrun import settings as check
 from xenrun.errors import ConfigError
-from xenrun.settings import Setting
+from xenrun.settings import Setting, check_keys
 
 # boot, network and disk plugins are chosen in plugins.toml; none until a site says so
 DEFAULTS = {"boot": "none", "network": "none", "disks": [], "plugins": []}
@@ -161,21 +161,10 @@ class Site:
     def check_settings(self, host: str, plugin: str, declared: dict[str, Setting]) -> dict[str, Any]:
         """Check ``plugin``'s settings for ``host`` against what it declared."""
         raw, origin = self.raw_settings(host, plugin)
-        clean = {}
-        for key, value in raw.items():
-            if key not in declared:
-                known = ", ".join(sorted(declared)) or "none"
-                raise self.error(origin[key], f"unknown setting of plugin {plugin!r} (known: {known})")
-            try:
-                clean[key] = declared[key].check(value)
-            except ValueError as e:
-                raise self.error(origin[key], str(e)) from None
-        for key, setting in declared.items():
-            if setting.required and key not in clean:
-                raise self.error(("plugin", plugin), f"{key} is missing: plugin {plugin!r} needs it"
-                                                     f" ({setting.help or 'no help given'})")
-            clean.setdefault(key, setting.default)
-        return clean
+        known = ", ".join(sorted(declared)) or "none"
+        return check_keys(raw, declared, lambda key, msg: self.error(origin[key] if key else ("plugin", plugin), msg),
+                          f"unknown setting of plugin {plugin!r} (known: {known})",
+                          lambda key, s: f"{key} is missing: plugin {plugin!r} needs it ({s.help or 'no help given'})")
 
 
 def load_site(path: str | Path | None) -> Site:

@@ -10,6 +10,8 @@ Shape of domains.toml (beside plugins.toml; see examples/domains.toml)::
                                and the keys its plugin declares (size, path, vg ...)
     [[domain.NAME.vif]]        bridge, mac
     [domain.NAME.vnc]          HVM display: listen, display, password
+    [domain.NAME.install]      method (an installer plugin: debootstrap ...) and its keys
+                               (xenrun.installs): a system put onto the first disk
 
 Every error is a ConfigError naming file, line and key, like plugins.toml's.
 """
@@ -27,7 +29,8 @@ from typing import Any, Callable
 from xenrun import settings as check
 from xenrun.config import KeyLines, parse_toml
 from xenrun.errors import ConfigError
-from xenrun.settings import Setting
+from xenrun.installs import InstallSpec, parse_install
+from xenrun.settings import Setting, check_keys
 
 XEN_OUI = "00:16:3e"  # the MAC block reserved for Xen guests (S17)
 DEFAULT_BRIDGE = "xenbr0"
@@ -44,7 +47,7 @@ _XL_TEXT = re.compile(r"[^'\"\\\x00-\x1f\x7f]*")
 
 DOMAIN_KEYS = ("host", "type", "memory", "vcpus", "disks", "vif", "iso", "iso_vdev", "kernel", "ramdisk",
                "extra", "bootloader", "iso_boot", "iso_kernel", "iso_ramdisk", "vnc", "allow_open_vnc",
-               "autostart", "boot_dir")
+               "autostart", "boot_dir", "install")
 MAX_DISKS = 16  # xvda..xvdp: beyond, xl and the guest's kernel name disks in ways plans cannot tell apart
 # the keys of every disk; a disk plugin declares the others (declare_disk_keys), and
 # they are checked when the guest is planned, once the plugins are loaded
@@ -111,6 +114,7 @@ class Domain:
     allow_open_vnc: bool = False
     autostart: bool = False
     boot_dir: str = DEFAULT_BOOT_DIR
+    install: InstallSpec | None = None  # an operating system put onto its first disk (xenrun.installs)
     source: "DomainFile | None" = field(default=None, compare=False, repr=False)
 
     @property
@@ -326,6 +330,15 @@ def _domain(src: DomainFile, name: str, defaults: dict, table: dict, site_hosts)
         if iso_vdev.split(":")[0] in taken:
             raise err("iso_vdev", f"{iso_vdev} is also a disk's vdev")
     vifs = _vifs(src, name, values.get("vif"), origin.get("vif", where + ("vif",)))
+    install = parse_install(values.get("install"), origin.get("install", where + ("install",)), src.error)
+    if install is not None:
+        if not disks:
+            raise err("install", "needs a disk: the system is installed onto the first disk")
+        if disks[0].access != "w":
+            raise err("install", f"the first disk ({disks[0].vdev}) is read-only: the system is installed onto it")
+        if iso_boot or kind == "hvm":
+            raise err("install", "xenrun installs the system itself: not with iso_boot or an HVM guest"
+                                 " (those install from their ISO)")
     vnc = None
     if kind == "hvm":
         vnc = _vnc(src, values.get("vnc", {}), origin.get("vnc", where + ("vnc",)),
@@ -336,7 +349,7 @@ def _domain(src: DomainFile, name: str, defaults: dict, table: dict, site_hosts)
         extra=boot["extra"], bootloader=boot["bootloader"], iso_boot=iso_boot, iso_kernel=iso_kernel,
         iso_ramdisk=iso_ramdisk, vnc=vnc, allow_open_vnc=get("allow_open_vnc", check.boolean, False),
         autostart=get("autostart", check.boolean, False),
-        boot_dir=get("boot_dir", check.absolute_path, DEFAULT_BOOT_DIR), source=src)
+        boot_dir=get("boot_dir", check.absolute_path, DEFAULT_BOOT_DIR), install=install, source=src)
 
 
 def _disks(src: DomainFile, name: str, raw, where: tuple[str, ...]) -> tuple[DiskSpec, ...]:
@@ -393,22 +406,10 @@ def with_disk_keys(domain: Domain, declared: dict[str, dict[str, Setting]]) -> D
             disks.append(disk)
             continue
         keys = declared.get(disk.backend, {})
-        for key in disk.options:
-            if key not in keys:
-                known = ", ".join(DISK_KEYS + tuple(keys))
-                raise domain.disk_error(disk, key, f"not a key of a {disk.backend!r} disk (its keys: {known})")
-        options = {}
-        for key, setting in keys.items():
-            if key not in disk.options:
-                if setting.required:
-                    raise domain.disk_error(disk, "", f"{key} is missing: a {disk.backend} disk needs {key}"
-                                                      + (f" ({setting.help})" if setting.help else ""))
-                options[key] = setting.default
-                continue
-            try:
-                options[key] = setting.check(disk.options[key])
-            except ValueError as e:
-                raise domain.disk_error(disk, key, str(e)) from None
+        options = check_keys(disk.options, keys, lambda key, msg, disk=disk: domain.disk_error(disk, key, msg),
+                             f"not a key of a {disk.backend!r} disk (its keys: {', '.join(DISK_KEYS + tuple(keys))})",
+                             lambda key, s, disk=disk: f"{key} is missing: a {disk.backend} disk needs {key}"
+                                                       + (f" ({s.help})" if s.help else ""))
         disks.append(replace(disk, options=options))
     return replace(domain, disks=tuple(disks))
 

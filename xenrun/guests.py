@@ -16,6 +16,7 @@ import structlog
 from xenrun import registry, run, xlcfg
 from xenrun.changes import Change, RemoveFile, RunCommand, SparseFile, Symlink, WriteFile
 from xenrun.domains import CONFIG_DIR, PHY, Domain, derived_mac, load_domains, random_mac, with_disk_keys
+from xenrun.installs import with_install_keys
 from xenrun.guestmedia import ISO_KERNELS, ISO_RAMDISKS, archiso_extra, guest_notes, iso_reader, lacks_boot_config
 from xenrun.errors import PlanError, UsageError
 
@@ -74,7 +75,16 @@ def with_disk_plugins(p: run.Prepared, domain: Domain) -> tuple[run.Prepared, Do
         if disk.backend not in p.spec.selected and p.spec.disks:
             raise domain.disk_error(disk, "backend", f"{disk.backend!r} is not among host {p.host.name}'s disk"
                                                      f" plugins (disks = {list(p.spec.disks)} in plugins.toml)")
-    p = run.with_disk_plugins(p, wanted)
+    installers = []
+    if domain.install is not None:
+        method = domain.install.method
+        if method not in known or method not in registry.installers():
+            what = "no plugin" if method not in known else "not an installer plugin"
+            raise domain.error("install.method", f"{method!r}: {what} (installers:"
+                                                 f" {', '.join(registry.installers()) or 'none'})")
+        installers.append(method)
+    p = run.with_disk_plugins(p, wanted, installers)
+    domain = with_install_keys(domain, p.plugins.install_keys())
     return p, with_disk_keys(domain, p.plugins.disk_keys())
 
 
@@ -166,6 +176,8 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
         entries.append(answer.entry)
         notes += answer.notes
     _check_not_shared(p, facts, spec, mine, all_domains)
+    if spec.install is not None:
+        changes += plan_install(p, facts, spec, entries[0])
     boot: dict = {}
     if spec.iso and not spec.iso_boot and not target.exists(spec.iso):
         notes.append(f"{domain.name}: the ISO {spec.iso} does not exist on this target; xl create needs it")
@@ -201,6 +213,15 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
                                                             f" (VNC on port {5900 + spec.vnc.display})"
                                                             if spec.vnc and spec.vnc.display is not None else "")))
     return [c if c.plugin else dataclasses.replace(c, plugin="domain") for c in changes], notes
+
+
+def plan_install(p: run.Prepared, facts, domain: Domain, entry: str) -> list[Change]:
+    """The installer's Changes for the guest's first disk (xl disk ``entry``), which
+    this plan makes when it does not exist yet."""
+    path = xlcfg.disk_target(entry)
+    if not path:
+        raise domain.error("install", f"cannot tell the first disk's path from its xl entry {entry!r}")
+    return p.plugins.domain_install(facts, p.host, domain, path, new=not p.target.exists(path))
 
 
 def _check_disk_files(p: run.Prepared, domain: Domain, disk, changes, current: list | None) -> None:

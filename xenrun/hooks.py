@@ -174,6 +174,10 @@ class HostPlugins:
         """backend -> {key: Setting}, from every selected plugin's declare_disk_keys."""
         return self._declarations("declare_disk_keys", "backend")
 
+    def install_keys(self) -> dict[str, dict[str, Setting]]:
+        """method -> {key: Setting}, from every selected plugin's declare_install_keys."""
+        return self._declarations("declare_install_keys", "method")
+
     def facts(self, probe: Probe) -> Facts:
         merged: dict = {}
         owner: dict = {}
@@ -240,6 +244,13 @@ class HostPlugins:
             raise self._wrong(plugin, "create_domain", "a DomainDisk", answer)
         changes = self._changes(plugin, "create_domain", list(answer.changes))
         return plugin, dataclasses.replace(answer, changes=changes)
+
+    def domain_install(self, facts: Facts, host: Host, domain, disk: str, new: bool) -> list[Change]:
+        """The Changes of the installer plugin named by the guest's install method."""
+        plugin, answer = self.first("install_domain", facts=facts, host=host, domain=domain, disk=disk, new=new)
+        if plugin is None:
+            raise domain.error("install.method", f"plugin {domain.install.method!r} did not answer install_domain")
+        return self._changes(plugin, "install_domain", answer)
 
 
 # -- selection ------------------------------------------------------------------------

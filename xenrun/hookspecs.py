@@ -171,3 +171,40 @@ def create_domain(facts: Facts, host: Host, domain: Domain, disk: DiskSpec) -> D
     --purge``); None means "not mine" (the disk names another backend).
     First result wins: the plugin named by the disk's ``backend`` answers.
     """
+
+
+@hookspec
+def declare_install_keys() -> dict[str, dict[str, Setting]]:
+    """Declare the keys an installer reads from a guest's ``[domain.NAME.install]``
+    table (beside ``method``, which names the installer plugin).
+
+    When: when a guest with an install table is planned, after its installer plugin
+    is selected (by ``method``) and before install_domain.
+    Parameters: none.
+    Returns: ``{method: {key: Setting}}``; None when the plugin declares none. The
+    checked values, with defaults filled in, reach install_domain as
+    ``domain.install.options``. An unknown key, a bad value or a missing required
+    key is an error naming domains.toml's line.
+    Every selected plugin is called; two plugins declaring one method are refused.
+    """
+
+
+@hookspec(firstresult=True)
+def install_domain(facts: Facts, host: Host, domain: Domain, disk: str, new: bool) -> list[Change] | None:
+    """Plan the installation of an operating system onto a guest's first disk.
+
+    When: from ``xenrun domain.create``, for a guest whose domains.toml entry has an
+    ``[domain.NAME.install]`` table naming this plugin as ``method``; after the
+    disk plugins planned its disks, before its xl config is written and it starts.
+    Parameters: ``facts``; ``host``; ``domain`` (``domain.install.options`` its
+    install keys, checked); ``disk`` the path on the host of the first disk (an
+    image file, a logical volume, a device) as the disk plugin made it; ``new``
+    True when this plan makes that disk (it does not exist yet).
+    Returns: the Changes that install the system (files written in dom0, and
+    commands guarded so that a second run does nothing: a disk that already holds
+    the installed system is left alone, and one that holds anything else is never
+    overwritten). The Changes come before the xl config: a failure rolls back the
+    disk this run made, and no config refers to a half-built disk. None means "not
+    mine".
+    First result wins: the plugin named by ``method`` answers.
+    """

@@ -289,7 +289,9 @@ def _assess_command(change: RunCommand, view: Overlay, target, changed: set[str]
         reasons.append(f"{change.creates} does not exist")
     if change.unless is not None:
         blocked = target.cannot_execute(change.unless)
-        if blocked:
+        if blocked and change.unless[0] in view.planned and not view.target.exists(change.unless[0]):
+            reasons.append(f"not done yet ({change.unless[0]}, which checks it, is new in this plan)")
+        elif blocked:
             reasons.append(f"cannot check whether done ({change.unless[0]} cannot run)")
         elif target.execute(change.unless, timeout=60).rc != 0:
             reasons.append(f"{' '.join(change.unless)} says not done")

@@ -30,6 +30,7 @@ BUILTIN = {
     "efistub": "xenrun.plugins.efistub",
     "image": "xenrun.plugins.image",
     "lvm": "xenrun.plugins.lvm",
+    "debootstrap": "xenrun.plugins.debootstrap",
 }
 ENTRY_POINT_GROUP = PROJECT
 
@@ -45,17 +46,27 @@ def known_names() -> list[str]:
     return sorted(set(BUILTIN) | set(third_party()))
 
 
-def disk_backends() -> list[str]:
-    """The known plugins that make guest disks (they implement create_domain); one
-    that fails to load is left out (selecting it reports why)."""
+def implementing(hook: str) -> list[str]:
+    """The known plugins that implement ``hook``; one that fails to load is left
+    out (selecting it reports why)."""
     found = []
     for name in known_names():
         try:
-            if hasattr(load(name), "create_domain"):
+            if hasattr(load(name), hook):
                 found.append(name)
         except UsageError:
             continue
     return found
+
+
+def disk_backends() -> list[str]:
+    """The known plugins that make guest disks (they implement create_domain)."""
+    return implementing("create_domain")
+
+
+def installers() -> list[str]:
+    """The known plugins that install guests' systems (install_domain)."""
+    return implementing("install_domain")
 
 
 def load(name: str):

@@ -107,13 +107,16 @@ def prepare_in(site: Site, options: Options) -> Prepared:
     return Prepared(site, spec, target, plugins, host)
 
 
-def with_disk_plugins(p: Prepared, backends) -> Prepared:
+def with_disk_plugins(p: Prepared, backends, installers=()) -> Prepared:
     """``p`` with the disk plugins named by ``backends`` selected too (a domain's
-    disk backend selects its plugin), their settings checked."""
+    disk backend selects its plugin), and the ``installers`` (its install method),
+    their settings checked."""
     extra = [b for b in dict.fromkeys(backends) if b not in p.spec.selected]
-    if not extra:
+    more = [i for i in dict.fromkeys(installers) if i not in p.spec.selected and i not in extra]
+    if not extra and not more:
         return p
-    spec = dataclasses.replace(p.spec, disks=tuple(p.spec.disks) + tuple(extra))
+    spec = dataclasses.replace(p.spec, disks=tuple(p.spec.disks) + tuple(extra),
+                               plugins=tuple(p.spec.plugins) + tuple(more))
     plugins, host = hooks.select(p.site, spec)
     plugins.notes[:0] = p.plugins.notes
     return dataclasses.replace(p, spec=spec, plugins=plugins, host=host)
@@ -424,7 +427,8 @@ def plugin_table(options: Options) -> list[dict]:
             implemented, module = [f"(failed to load: {e})"], None
         rows.append({"name": name, "source": source, "hooks": implemented, "selected": name in selected,
                      "settings": _declared(module, "declare_settings"),
-                     "disk_keys": _declared(module, "declare_disk_keys")})
+                     "disk_keys": _declared(module, "declare_disk_keys"),
+                     "install_keys": _declared(module, "declare_install_keys")})
     return rows
 
 

@@ -148,3 +148,25 @@ class Setting:
     help: str = ""
     examples: tuple = field(default=())
     required: bool = False
+
+
+def check_keys(given: dict, declared: dict[str, Setting], error: Callable[[str, str], Exception],
+               unknown: str, missing: Callable[[str, Setting], str]) -> dict[str, Any]:
+    """``given`` (a table a user wrote) checked against ``declared``: every key known
+    (else ``unknown``), every value through its Setting's check, required keys present
+    (else ``missing(key, setting)``), defaults filled in. ``error(key, message)``
+    makes the exception, key "" meaning the table itself."""
+    clean = {}
+    for key, value in given.items():
+        if key not in declared:
+            raise error(key, unknown)
+        try:
+            clean[key] = declared[key].check(value)
+        except ValueError as e:
+            raise error(key, str(e)) from None
+    for key, setting in declared.items():
+        if key not in clean:
+            if setting.required:
+                raise error("", missing(key, setting))
+            clean[key] = setting.default
+    return clean

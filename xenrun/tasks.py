@@ -142,6 +142,7 @@ def plugins(c, root=None, host=None, config=None, format="text"):
         print(f"{mark} {r['name']:<10} {r['source']:<30} {', '.join(r['hooks'])}")
         _print_settings(r["settings"], "[plugin.{}]")
         _print_settings(r["disk_keys"], '[[domain.NAME.disks]] backend = "{}":')
+        _print_settings(r["install_keys"], '[domain.NAME.install] method = "{}":')
 
 
 def _print_settings(declared: dict, where: str) -> None:

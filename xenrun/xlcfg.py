@@ -293,7 +293,10 @@ def lint(text: str, exists: Callable[[str], bool] | None = None, allow_open_vnc:
             if not isinstance(e.value, str) or not e.value.startswith("/"):
                 found.append(Finding(e.line, key, f"{e.value!r} is not an absolute path"))
             elif not exists(e.value):
-                found.append(Finding(e.line, key, f"{e.value} does not exist on the host (S25)"))
+                pvgrub = "/grub-xen/" in e.value  # Debian's pvgrub2 images
+                found.append(Finding(e.line, key, f"{e.value} does not exist on the host (S25)"
+                                     + ("; pvgrub2 comes with grub-xen-host (apt-get install grub-xen-host)"
+                                        if pvgrub else "")))
     hvm = any(values.get(k) is not None and values[k].value == "hvm" for k in ("builder", "type"))
     if not hvm and "kernel" not in values and "bootloader" not in values:
         found.append(Finding(values["name"].line if "name" in values else None, "kernel",

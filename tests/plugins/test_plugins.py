@@ -113,7 +113,7 @@ def test_without_the_package_the_name_is_unknown(site):
     before = tree_hash(site)
     r = run_xenrun("setup", "--config", site / "plugins.toml", "--host", "arch-uefi", "--yes")
     assert r.returncode == 2
-    assert re.search(r"plugins.toml:\d+: defaults.plugins: unknown plugin 'sample' \(known: efistub, facts, grub, ifupdown, image, lvm, netctl, networkd, syslinux, xen\)", r.stderr)
+    assert re.search(r"plugins.toml:\d+: defaults.plugins: unknown plugin 'sample' \(known: debootstrap, efistub, facts, grub, ifupdown, image, lvm, netctl, networkd, syslinux, xen\)", r.stderr)
     assert tree_hash(site) == before
 
 

@@ -432,6 +432,7 @@ def build_dom0_initramfs(
     *,
     guest_initramfs: Path | None = None,
     tools_root: Path | None = None,
+    host_tools: Iterable[str] = (),
 ) -> Path:
     """Write the dom0 initramfs to ``out`` and return it.
 
@@ -441,6 +442,7 @@ def build_dom0_initramfs(
     (bytes) or source files.  The guest kernel (``pkgs["vmlinuz"]``) is put
     at :data:`GUEST_KERNEL` and ``guest_initramfs`` (built with
     :func:`build_guest_initramfs` if None) at :data:`GUEST_RAMDISK`.
+    ``host_tools``: more programs of this machine's (ssh ...), with their libraries.
     """
     tools_root = Path(tools_root) if tools_root else fetch_xen_tools()
     search = [tools_root / "usr/lib/x86_64-linux-gnu", tools_root / "lib/x86_64-linux-gnu",
@@ -470,7 +472,7 @@ def build_dom0_initramfs(
         tree.link(f"usr/sbin/{cmd}", "lvm")
     tree.file("etc/lvm/lvm.conf", LVM_CONF.encode())
 
-    for tool in HOST_TOOLS:
+    for tool in (*HOST_TOOLS, *host_tools):
         found = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
         if not found:
             raise HarnessError(f"{tool} is not installed on this machine (needed by Xen's hotplug scripts)")

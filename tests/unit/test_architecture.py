@@ -14,7 +14,7 @@ PACKAGE = REPO / "xenrun"
 # From the bottom up; a module imports only from its own layer or those below.
 LAYERS = [
     ("values", {"xenrun", "xenrun.errors", "xenrun.settings", "xenrun.changes", "xenrun.facts", "xenrun.profiles",
-                "xenrun.xlcfg", "xenrun.logs", "xenrun.config", "xenrun.domains", "xenrun.guestmedia",
+                "xenrun.xlcfg", "xenrun.logs", "xenrun.config", "xenrun.domains", "xenrun.installs", "xenrun.guestmedia",
                 "xenrun.netswitch", "xenrun.netconf"}),
     ("targets", {"xenrun.targets", "xenrun.plan", "xenrun.state", "xenrun.apply", "xenrun.bootcheck",
                  "xenrun.bootimages"}),
