@@ -94,12 +94,22 @@ class Applier:
         self.target, self.host, self.log, self.kind, self.begin = target, host, log, kind, begin
         self.point = CrashPoints(target.flush)
         self.journal: Journal | None = None
+        self._run_id: str | None = None  # chosen by lock(), for the free space measured with it
         self._saved: set[str] = set()
         self._copies = 0
 
     # -- lock and recovery -------------------------------------------------------
-    def lock(self) -> None:
+    def lock(self, room_for: list[Outcome] = ()) -> None:
+        """``room_for``: the outcomes the run is expected to apply; a target may
+        measure their free space along with the lock (the first stretch's check
+        then needs no round trip of its own)."""
         check_state_folder(self.target)
+        self._run_id = new_run_id()
+        if room_for:
+            orig = f"{STATE_DIR}/runs/{self._run_id}/orig"
+            self.target.free_space_ahead(list(dict.fromkeys(
+                [o.path for o in room_for if o.action == CHANGE and o.path and not isinstance(o.change, RunCommand)]
+                + [orig])))
         self.target.lock(f"{STATE_DIR}/lock",
                          f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self.target.read_ahead(lambda: read_state(self.target))  # what recovery and the plan under the lock read
@@ -139,7 +149,8 @@ class Applier:
         results = [o.action for o in outcomes]
         if not todo:
             return {"run": None, "results": results}
-        self.journal = Journal(self.target, new_run_id())
+        run_id, self._run_id = self._run_id or new_run_id(), None
+        self.journal = Journal(self.target, run_id)
         self.journal.note(op="begin", kind=self.kind, host=self.host, pid=os.getpid(), time=time.time(),
                           **self.begin)
         self.point("begin")

@@ -241,10 +241,15 @@ class Target(ABC):
         Without it: {} (not checked)."""
         return {}
 
+    def free_space_ahead(self, paths: list[str]) -> None:
+        """The paths the next free_space will ask for: a target may measure them
+        with its next request (the lock's). Without it: nothing."""
+
     def deferred(self):
         """A context in which writes may wait (in order) for the target's next
-        request, and are all made by its end; on an exception those not made are
-        dropped (as a crash there would). Without it: each write is made at once."""
+        request, and are all made by its end (an exception's too, unless making
+        them fails: then they are dropped, as a crash there would). Without it:
+        each write is made at once."""
         return contextlib.nullcontext()
 
     def flush(self) -> None:

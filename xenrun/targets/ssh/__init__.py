@@ -92,9 +92,11 @@ class SSHTarget(Connection, Shell, Cache, ShellFiles, Target):
         self._programs: dict[str, str] = {}  # find_program's answers that found one
         self._fsync_ext = True
         self._shell_writes = False  # the prologue found what shell writes need (shellfiles.py)
+        self._shell_sparse = False  # and truncate, for sparse files
         self._queue: list[tuple] = []  # shell writes waiting for the next request: (owner, command, data)
         self._deferring = 0
         self._checked: dict[tuple, object] = {}  # check_files' results, for execute_on_file
+        self._room_paths: list[str] | None = None  # free_space_ahead's, measured with the lock
         self._warmed = False
         self._spec: dict[str, set] | None = None  # wants collected while speculating
         self._cache_only = False  # answer from the cache or raise _Miss

@@ -151,10 +151,18 @@ x_ln() { rm -f -- "$2" && ln -s -- "$1" "$2"; }
 x_mv() { mv -f -T -- "$1" "$2"; }
 x_rm() { rm -f -- "$1" && x_fsync "$2"; }
 x_fsync() { sync -- "$@"; }
+x_sparse() {
+  if [ -n "$5" ]; then (umask 077; set -C; : >"$1") && chmod "$2" "$1" || return 1; fi
+  s=$(stat -L -c %s -- "$1") || return 1
+  if [ "$s" -lt "$3" ]; then truncate -s "$3" -- "$1" || return 1; fi
+  sync -- "$1" "$4"
+}
+x_cut() { if [ -e "$1" ]; then truncate -s "$2" -- "$1"; fi; }
 x_qfail() { printf '%s QFAIL %s\n' "$N" "$1"; base64 < "$X/qe"; printf '%s END 1\n' "$N"; }
 XW=
 if printf 'eA==\n' | base64 -d 2>/dev/null | grep -q x && : > "$X/w" && mv -f -T -- "$X/w" "$X/v" 2>/dev/null \
    && [ -f "$X/v" ] && sync -- "$X/v" "$X" 2>/dev/null && ln -s -- v "$X/l" 2>/dev/null; then XW=1; fi
 rm -f -- "$X/v" "$X/w" "$X/l"
+if [ -n "$XW" ] && command -v truncate >/dev/null 2>&1; then XW=${XW}1; fi
 printf '%s CAN %s\n' "$N" "$XW"
 printf '%s READY\n' "$N"

@@ -69,7 +69,8 @@ class Shell:
             if taken is not None:
                 if taken[1] is None:  # READY: the prologue's line before it says whether writes can go through it
                     can = find_line(self._buf[:len(self._buf) - len(taken[2])], f"{self._nonce} CAN ".encode())
-                    self._shell_writes = can is not None and can.endswith(" 1")
+                    flags = can.split()[2] if can is not None and len(can.split()) > 2 else ""
+                    self._shell_writes, self._shell_sparse = flags[:1] == "1", flags[1:2] == "1"
                 answer, status, self._buf = taken
                 return answer.replace(alive, b""), 0 if status is None else status
             while chan.recv_stderr_ready():
@@ -250,10 +251,23 @@ class Shell:
         """``stat -f`` of each path's nearest existing folder on the host, in one
         request (no command of the target's: a read like a fetch). {} when the
         host cannot tell (then the check is not made)."""
+        room = self._room
+        if room is not None and all(p in room for p in paths):  # measured with the lock
+            self._room = None
+            return {p: room[p] for p in paths}
+        rc, out, _ = self._command(self._free_space_argv(paths), 60, None, chroot=False)
+        return self._free_space_found(paths, rc, out)
+
+    def free_space_ahead(self, paths: list[str]) -> None:
+        self._room_paths = list(paths)
+
+    def _free_space_argv(self, paths: list[str]) -> tuple[str, ...]:
         keys = [self._resolve(p, follow=False) for p in paths]
         finder = ('for p; do d=${p%/*}; while [ -n "$d" ] && ! [ -d "$d" ]; do d=${d%/*}; done;'
                   ' stat -f -c "%i %a %S" -- "${d:-/}" || echo "? ? ?"; done')
-        rc, out, _ = self._command(("sh", "-c", finder, "sh", *keys), 60, None, chroot=False)
+        return ("sh", "-c", finder, "sh", *keys)
+
+    def _free_space_found(self, paths: list[str], rc: int, out: bytes) -> dict:
         found = {}
         for path, line in zip(paths, out.decode(errors="replace").splitlines()):
             fields = line.split()
@@ -318,7 +332,24 @@ class Shell:
         self._forget(real)
         if listing is not None:  # the lock file is there now, nothing else changed in its folder
             self._dirs[folder] = sorted(set(listing) | {name})
-        answer, rc = self._request(f"x_lock {shlex.quote(real)} {shlex.quote(holder)}")
+        script = f"x_lock {shlex.quote(real)} {shlex.quote(holder)}"
+        ahead, self._room_paths = self._room_paths, None
+        argv = None
+        if ahead:
+            self._cache_only = True  # the paths were read by the plan: resolved from the cache, or not measured
+            try:
+                argv = self._free_space_argv(ahead)
+            except _Miss:
+                argv = None
+            finally:
+                self._cache_only = False
+        if argv is None:
+            answer, rc = self._request(script)
+        else:  # the free space of the run's paths measured just after the lock, in the same round trip
+            (answer, rc), (out, frc) = self._requests([script, self._command_script(argv, 60, None, False)])
+            if rc == 0:
+                found = self._free_space_found(ahead, frc, split_output(out, self._nonce)[0])
+                self._room = found or None
         if rc == 0:
             self._locked, self._lock_path = True, real
             return

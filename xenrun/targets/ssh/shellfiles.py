@@ -15,7 +15,7 @@ prove safe. Only the waiting is shared.
 
 Outside ``deferred()`` every write is sent before it returns (one round trip);
 inside it (an apply's forward part) the steps wait for the next request, and
-for ``flush()`` at its end. A crash test's kill (XENRUN_CRASH_AT) and pause
+for ``flush()`` at its end (or at an exception). A crash test's kill (XENRUN_CRASH_AT) and pause
 flush first, so each crash point is tested with exactly the state its label
 says.
 
@@ -62,16 +62,22 @@ class ShellFiles(Files):
 
     @contextlib.contextmanager
     def deferred(self):
-        """Writes inside wait for the next request, and for the flush at the end;
-        on an exception the steps not sent are dropped (a prefix of the writes, as
-        a crash there would leave: the undo that follows reads the host)."""
+        """Writes inside wait for the next request, and for the flush at the end.
+        On an exception the steps waiting are sent first (the writes made before
+        the failure, as when each was made at once: the run's folder is there for
+        its failure record), unless that fails too (the host lost, or the steps'
+        own error): then they are dropped, a prefix of the writes as a crash there
+        would leave, and the undo that follows reads the host."""
         self._deferring += 1
         try:
             yield
             if self._deferring == 1:
                 self.flush()
         except BaseException:
-            self._queue = []
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                self._queue = []
             raise
         finally:
             self._deferring -= 1
@@ -240,3 +246,32 @@ class ShellFiles(Files):
         self._forget(real, regular=True)
         self._step(path, f"x_app {shlex.quote(real)}", (line.rstrip("\n") + "\n").encode())
         self._sent()
+
+    def make_sparse(self, path: str, size: int, mode: int) -> None:
+        """As Files.make_sparse: made (mode before anything else) or grown, never
+        shrunk, only its size set; fsynced with its folder."""
+        if not self._shell_ok() or not self._shell_sparse:
+            return super().make_sparse(path, size, mode)
+        new = self.stat(path) is None
+        real = self._resolve(path, True)
+        folder = real.rpartition("/")[0] or "/"
+        self._forget(real, regular=True)
+        q, made = shlex.quote, "1" if new else "''"
+        self._step(path, f"x_sparse {q(real)} {mode & 0o7777:o} {int(size)} {q(folder)} {made}")
+        self._sent()
+
+    def truncate(self, path: str, size: int) -> None:
+        if not self._shell_ok() or not self._shell_sparse:
+            return super().truncate(path, size)
+        real = self._resolve(path, True)
+        self._forget(real, regular=True)
+        self._step(path, f"x_cut {shlex.quote(real)} {int(size)}")
+        self._sent()
+
+    def rmdir(self, path: str) -> bool:
+        if not self._shell_ok():
+            return super().rmdir(path)
+        real = self._resolve(path, False)
+        self._forget(real)
+        _, rc = self._request(f"rmdir -- {shlex.quote(real)} 2>/dev/null; printf '%s END %s\\n' \"$N\" $?")
+        return rc == 0
