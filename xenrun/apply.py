@@ -66,7 +66,8 @@ def _edited_since(target, path: str, done: dict) -> str | None:
 class CrashPoints:
     """Counts the points where a crash test may kill the run."""
 
-    def __init__(self):
+    def __init__(self, flush=None):
+        self.flush = flush  # the target's writes waiting: made before a kill or pause (the state the label says)
         self.count = 0
         self.seen: dict[str, int] = {}
         at = os.environ.get("XENRUN_CRASH_AT")
@@ -77,6 +78,8 @@ class CrashPoints:
     def __call__(self, label: str) -> None:
         self.count += 1
         self.seen[label] = self.seen.get(label, 0) + 1
+        if self.flush is not None and (self.at == self.count or self.pause_at == (label, self.seen[label])):
+            self.flush()
         if self.at is not None and self.count == self.at:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.pause_at == (label, self.seen[label]):
@@ -89,14 +92,24 @@ class Applier:
 
     def __init__(self, target, host: str, log, kind: str = "apply", **begin):
         self.target, self.host, self.log, self.kind, self.begin = target, host, log, kind, begin
-        self.point = CrashPoints()
+        self.point = CrashPoints(target.flush)
         self.journal: Journal | None = None
+        self._run_id: str | None = None  # chosen by lock(), for the free space measured with it
         self._saved: set[str] = set()
         self._copies = 0
 
     # -- lock and recovery -------------------------------------------------------
-    def lock(self) -> None:
+    def lock(self, room_for: list[Outcome] = ()) -> None:
+        """``room_for``: the outcomes the run is expected to apply; a target may
+        measure their free space along with the lock (the first stretch's check
+        then needs no round trip of its own)."""
         check_state_folder(self.target)
+        self._run_id = new_run_id()
+        if room_for:
+            orig = f"{STATE_DIR}/runs/{self._run_id}/orig"
+            self.target.free_space_ahead(list(dict.fromkeys(
+                [o.path for o in room_for if o.action == CHANGE and o.path and not isinstance(o.change, RunCommand)]
+                + [orig])))
         self.target.lock(f"{STATE_DIR}/lock",
                          f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         self.target.read_ahead(lambda: read_state(self.target))  # what recovery and the plan under the lock read
@@ -136,26 +149,32 @@ class Applier:
         results = [o.action for o in outcomes]
         if not todo:
             return {"run": None, "results": results}
-        self.journal = Journal(self.target, new_run_id())
+        run_id, self._run_id = self._run_id or new_run_id(), None
+        self.journal = Journal(self.target, run_id)
         self.journal.note(op="begin", kind=self.kind, host=self.host, pid=os.getpid(), time=time.time(),
                           **self.begin)
         self.point("begin")
         current: list[Outcome] = []
         try:
-            for number, stretch in enumerate(_stretches(outcomes)):
-                current = [outcomes[i] for i in stretch]
-                self._prepare(current, first=number == 0)
-                for batch in _batches(stretch, outcomes):
-                    current = [outcomes[i] for i in batch]
-                    if len(batch) > 1 or (_batched(current[0]) and current[0].after.kind == "file"):
-                        self._write_batch(current)
-                    else:
-                        self._apply_one(current[0])
-                    for index in batch:
-                        results[index] = "changed"
-            if pending_after is not None:
+            # over SSH the writes wait for the next request, all made by the block's end (targets/ssh/shellfiles.py);
+            # a commit record that cannot be written undoes the run now, as the next run would
+            with self.target.deferred():
+                for number, stretch in enumerate(_stretches(outcomes)):
+                    current = [outcomes[i] for i in stretch]
+                    self._prepare(current, first=number == 0)
+                    for batch in _batches(stretch, outcomes):
+                        current = [outcomes[i] for i in batch]
+                        if len(batch) > 1 or (_batched(current[0]) and current[0].after.kind == "file"):
+                            self._write_batch(current)
+                        else:
+                            self._apply_one(current[0])
+                        for index in batch:
+                            results[index] = "changed"
+                if pending_after is not None:
+                    current = []
+                    self._leave_pending(*pending_after(results))
                 current = []
-                self._leave_pending(*pending_after(results))
+                self.journal.write(op="commit", time=time.time())
         except BaseException as e:
             failed = _undo(self.target, self.journal)
             what = ", ".join(_describe(o.change) for o in current[:3]) + (" ..." if len(current) > 3 else "") \
@@ -171,7 +190,6 @@ class Applier:
                                  + _not_put_back(failed, self.journal)) from e
             self.journal.write(op="failed", step=what, error=str(e))
             raise ApplyError(f"{self.host}: {what} failed: {e}; every file this run changed was put back") from e
-        self.journal.write(op="commit", time=time.time())
         self.point("commit")
         return {"run": self.journal.run_id, "results": results}
 
@@ -327,7 +345,7 @@ class Applier:
                     raise RuntimeError(f"{' '.join(checks[path])} rejected the new {path}"
                                        + (f": {msg[-1]}" if msg else ""))
         self.journal.secure()  # (done by _prepare: the originals are on record)
-        self.target.write_atomic_many(files, before_rename, links)
+        self.target.write_atomic_many(files, before_rename, links, {p: c for p, c in checks.items() if c})
         for o in batch:
             self.journal.note(op="done", path=o.path, **_left_as(o.after))
             self.point("file done")

@@ -251,7 +251,7 @@ def execute(p: Prepared, make, options: Options, confirm, kind: str = "apply", f
         if not interrupted and not _to_do(plan, outcomes, pending):
             return Result(p.host.name, str(p.target), outcomes, "nothing to do", notes=plan.notes)
         applier = Applier(p.target, p.host.name, log, kind=kind)
-        applier.lock()
+        applier.lock(room_for=outcomes)
         try:
             recovered = applier.recover()
             if recovered:

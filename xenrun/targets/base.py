@@ -14,6 +14,7 @@ imports anything above the targets (flows, registry, plugins, apply, facts).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -164,7 +165,10 @@ class Target(ABC):
                      gid: int | None = None, before_rename=None) -> None: ...
 
     @abstractmethod
-    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = ()) -> None: ...
+    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = (),
+                          checks: dict | None = None) -> None:
+        """``checks``: {path: validator argv} that ``before_rename`` runs through
+        execute_on_file; a target may run them all at once beforehand."""
 
     @abstractmethod
     def write_new(self, path: str, data: bytes, mode: int) -> None: ...
@@ -236,6 +240,20 @@ class Target(ABC):
         its nearest existing folder, so a stretch can tell whether its writes fit.
         Without it: {} (not checked)."""
         return {}
+
+    def free_space_ahead(self, paths: list[str]) -> None:
+        """The paths the next free_space will ask for: a target may measure them
+        with its next request (the lock's). Without it: nothing."""
+
+    def deferred(self):
+        """A context in which writes may wait (in order) for the target's next
+        request, and are all made by its end (an exception's too, unless making
+        them fails: then they are dropped, as a crash there would). Without it:
+        each write is made at once."""
+        return contextlib.nullcontext()
+
+    def flush(self) -> None:
+        """Make the writes waiting in ``deferred()`` now. Without it: nothing."""
 
     def local_path(self, path: str) -> Path | None:
         """The file's path on this machine, for direct access (reading only some

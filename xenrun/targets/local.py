@@ -126,7 +126,8 @@ class LocalTarget(Target):
         """makedirs for several paths (an SSH target does them in one go)."""
         return [folder for path in paths for folder in self.makedirs(path)]
 
-    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = ()) -> None:
+    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = (),
+                          checks: dict | None = None) -> None:
         """write_atomic for each (path, data, mode, uid, gid) of ``files``, then
         symlink for each (path, target) of ``links``, one after the other;
         ``before_rename(path, temp file)``. (An SSH target renames them together.)"""

@@ -1,20 +1,25 @@
 """SSHTarget: a remote host over SSH through Fabric, with LocalTarget's methods.
 
-One connection per target carries two long-lived channels:
+One connection per target carries one long-lived channel, and a second only where
+the host lacks what the first needs for writes:
 
-- an SFTP session (paramiko's SFTPClient), started when a run first writes, for
-  every file operation: atomic writes (temp file, fsync@openssh.com,
-  posix-rename@openssh.com, fsync of the folder), symlinks, removal, sparse files,
-  journal appends; requests go in pipelines (see "writing" below);
-- one persistent POSIX ``sh`` reading requests on its stdin, for commands and for
-  bulk reads: a request is one quoted command line, its answer is framed with a
-  random marker and base64, so anything root's rc files print is skipped.
+- one persistent POSIX ``sh`` reading requests on its stdin, for commands, bulk
+  reads and file writes: a request is one quoted command line, its answer is
+  framed with a random marker and base64, so anything root's rc files print is
+  skipped. Writes (atomic writes: temp file, fsync, rename, fsync of the folder;
+  symlinks, removal, sparse files, journal appends) are steps of a shell program
+  with their data inline as framed base64, queued and sent ahead of the next
+  request (shellfiles.py);
+- an SFTP session (paramiko's SFTPClient), started only when a write cannot go
+  through the shell (no ``base64 -d``, ``mv -T`` or ``sync FILE`` on the host,
+  more than 8 MiB at once, or XENRUN_SFTP_WRITES=1), or a read misses the cache
+  outside a fetch; its requests go in pipelines (sftp.py).
 
 Why one shell and not one exec channel per command: sshd starts every exec and
 every subsystem through the login shell, and on these machines root's ~/.bashrc
 runs ``pyenv init`` (0.15-0.35 s) each time, non-interactive or not (Debian's bash
 reads .bashrc when started by sshd). A persistent shell pays that once per
-connection (and the SFTP server once more, only on a run that writes); a request
+connection (and the SFTP server once more, only where writes need it); a request
 then costs one round trip (about 1 ms on loopback).
 
 The host needs a POSIX sh and the usual tools (stat -c, base64, readlink, mktemp,
@@ -46,13 +51,13 @@ from xenrun.errors import TargetError
 from xenrun.targets.base import Target
 from xenrun.targets.ssh.cache import Cache
 from xenrun.targets.ssh.connection import CONNECT_TIMEOUT, TIMEOUT, Connection, known_hosts_file, parse_address
-from xenrun.targets.ssh.sftp import Files
+from xenrun.targets.ssh.shellfiles import ShellFiles
 from xenrun.targets.ssh.shell import Shell
 
 __all__ = ["SSHTarget", "known_hosts_file", "parse_address"]
 
 
-class SSHTarget(Connection, Shell, Cache, Files, Target):
+class SSHTarget(Connection, Shell, Cache, ShellFiles, Target):
     """A host over SSH (``root``: a machine root folder on that host)."""
 
     remote = True
@@ -74,7 +79,8 @@ class SSHTarget(Connection, Shell, Cache, Files, Target):
         self.connect_timeout = min(connect_timeout, self.timeout)
         self._lost = ""  # why the host was given up on: every later operation raises HostLost with it
         self.connect_kwargs = connect_kwargs or {}
-        self.stats: Counter = Counter()  # round trips: "command" (shell requests), "sftp" (requests)
+        # round trips: "command" (shell requests), "sftp_waits" (SFTP pipelines waited for), "sftp" (requests)
+        self.stats: Counter = Counter(command=0, sftp_waits=0, sftp=0)
         self._conn = self._sftp = self._chan = None
         self._nonce = ""
         self._buf = b""
@@ -85,6 +91,12 @@ class SSHTarget(Connection, Shell, Cache, Files, Target):
         self._dir_handles: dict[str, object] = {}  # folders kept open for fsync
         self._programs: dict[str, str] = {}  # find_program's answers that found one
         self._fsync_ext = True
+        self._shell_writes = False  # the prologue found what shell writes need (shellfiles.py)
+        self._shell_sparse = False  # and truncate, for sparse files
+        self._queue: list[tuple] = []  # shell writes waiting for the next request: (owner, command, data)
+        self._deferring = 0
+        self._checked: dict[tuple, object] = {}  # check_files' results, for execute_on_file
+        self._room_paths: list[str] | None = None  # free_space_ahead's, measured with the lock
         self._warmed = False
         self._spec: dict[str, set] | None = None  # wants collected while speculating
         self._cache_only = False  # answer from the cache or raise _Miss

@@ -36,6 +36,7 @@ class Cache:
 
     def _invalidate(self) -> None:
         """Forget everything (after a command, which may change any file)."""
+        self._room = None  # free space measured ahead (free_space_ahead), until a command or a write
         self._magic: dict[str, bytes] = {}
         self._lst: dict[str, FileInfo | None] = {}
         self._data: dict[str, bytes] = {}
@@ -51,6 +52,8 @@ class Cache:
         path resolves differently and nothing below it is cached."""
         if self._spec is not None:
             raise TargetError(f"{self}: a write while reading speculatively")
+        if not self._deferring:  # a write of an apply's stretch waits for its check; any other makes it stale
+            self._room = None
         before = self._lst.get(key)
         if regular and (before is None or before.kind == "file"):
             for cache in (self._magic, self._lst, self._data):

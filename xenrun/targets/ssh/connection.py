@@ -207,6 +207,8 @@ class Connection:
         print gets into the SFTP stream; the "sftp" subsystem only where no
         sftp-server program is found (internal-sftp)."""
         self._connect()
+        if self._queue:  # the shell's writes waiting go first
+            self.flush()
         if self._sftp is None:
             import paramiko
             transport = self._conn.client.get_transport()

@@ -19,6 +19,13 @@
 # stat for every lstat (x_stat; the shell's own tests find the absent ones), one
 # readlink for every link, one base64 for all the listings, then one base64 per
 # cat for all the contents (a path with a newline in its name gets a stat of its own).
+# Writes (shellfiles.py): x_put makes a new file (a leftover removed first; O_EXCL
+# through noclobber, mode 0600 until chmod, then owner, mode, data from base64 on
+# stdin), x_mv renames (mv -T: never into a folder), x_fsync fsyncs files and
+# folders (sync FILE...), x_app appends to the journal; a request's queued steps
+# stop at the first that fails, and x_qfail answers "N QFAIL step" with its stderr.
+# "N CAN FLAGS" before READY: 1 when writes can go through this shell, 11 with
+# truncate (sparse files) too; else they go through SFTP.
 PATH=@PATH@:$PATH; export PATH
 LC_ALL=C; export LC_ALL
 NL='
@@ -135,4 +142,27 @@ x_lock() {
   base64 < "$1"; printf '%s END %s\n' "$N" $r
 }
 x_unlock() { : > "$1"; exec 9>&-; printf '%s END 0\n' "$N"; }
+x_put() {
+  rm -f -- "$1" && (umask 077; set -C; exec 3>"$1" && { [ -z "$3" ] || chown "$3:$4" "$1"; } && chmod "$2" "$1" \
+    && base64 -d >&3)
+}
+x_app() { (umask 077; base64 -d >>"$1") && x_fsync "$1"; }
+x_ln() { rm -f -- "$2" && ln -s -- "$1" "$2"; }
+x_mv() { mv -f -T -- "$1" "$2"; }
+x_rm() { rm -f -- "$1" && x_fsync "$2"; }
+x_fsync() { sync -- "$@"; }
+x_sparse() {
+  if [ -n "$5" ]; then (umask 077; set -C; : >"$1") && chmod "$2" "$1" || return 1; fi
+  s=$(stat -L -c %s -- "$1") || return 1
+  if [ "$s" -lt "$3" ]; then truncate -s "$3" -- "$1" || return 1; fi
+  sync -- "$1" "$4"
+}
+x_cut() { if [ -e "$1" ]; then truncate -s "$2" -- "$1"; fi; }
+x_qfail() { printf '%s QFAIL %s\n' "$N" "$1"; base64 < "$X/qe"; printf '%s END 1\n' "$N"; }
+XW=
+if printf 'eA==\n' | base64 -d 2>/dev/null | grep -q x && : > "$X/w" && mv -f -T -- "$X/w" "$X/v" 2>/dev/null \
+   && [ -f "$X/v" ] && sync -- "$X/v" "$X" 2>/dev/null && ln -s -- v "$X/l" 2>/dev/null; then XW=1; fi
+rm -f -- "$X/v" "$X/w" "$X/l"
+if [ -n "$XW" ] && command -v truncate >/dev/null 2>&1; then XW=${XW}1; fi
+printf '%s CAN %s\n' "$N" "$XW"
 printf '%s READY\n' "$N"

@@ -269,7 +269,8 @@ class Files:
         self.write_atomic_many([(path, data, mode, uid, gid)],
                                before_rename and (lambda _path, tmp: before_rename(tmp)))
 
-    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = ()) -> None:
+    def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = (),
+                          checks: dict | None = None) -> None:
         """Replace each (path, data, mode, uid, gid) of ``files``: a temp file in its
         folder (mode set before any data is written), fsync, ``before_rename(path,
         remote path of its temp file)`` (validation; raise to abort); and make each
@@ -285,7 +286,7 @@ class Files:
         if len(set(reals)) < len(reals):  # two of them lead to one file (through a link): in order, one by one
             for n, item in enumerate(list(files) + list(links)):
                 self.write_atomic_many([item] if n < len(files) else [], before_rename,
-                                       [] if n < len(files) else [item])
+                                       [] if n < len(files) else [item], checks)
             return
         places = [(path, real, *self._temp_beside(real, regular=n < len(files)))  # (path, real, folder, tmp)
                   for n, ((path, *_), real) in enumerate(zip(list(files) + list(links), reals))]

@@ -41,12 +41,18 @@ class Shell:
         self._connect()
         if count:
             self.stats["command"] += 1
+        owners = None
+        if self._queue:  # the writes waiting (shellfiles.py) go first, in the same request
+            script, owners = self._with_queue(script)
         try:
             self._chan.settimeout(self.timeout)
             self._chan.sendall(script.encode() + b"\n")
         except (OSError, EOFError) as e:
             raise self._lose(f"could not send a request within {self.timeout:.0f} s ({_why(e)})") from None
-        return self._read_answer(timeout)
+        answer, rc = self._read_answer(timeout)
+        if owners is not None:
+            self._queue_failed(answer, owners)
+        return answer, rc
 
     def _read_answer(self, timeout: float | None = None) -> tuple[bytes, int]:
         """Read up to the next marker line: "N END status" after a request,
@@ -61,6 +67,10 @@ class Shell:
         while True:
             taken = take_answer(self._buf, self._nonce)
             if taken is not None:
+                if taken[1] is None:  # READY: the prologue's line before it says whether writes can go through it
+                    can = find_line(self._buf[:len(self._buf) - len(taken[2])], f"{self._nonce} CAN ".encode())
+                    flags = can.split()[2] if can is not None and len(can.split()) > 2 else ""
+                    self._shell_writes, self._shell_sparse = flags[:1] == "1", flags[1:2] == "1"
                 answer, status, self._buf = taken
                 return answer.replace(alive, b""), 0 if status is None else status
             while chan.recv_stderr_ready():
@@ -205,6 +215,11 @@ class Shell:
         input (or /dev/null), stdout and stderr framed in base64, fd 9 (the lock)
         closed. Returns (status, stdout, stderr)."""
         self._connect()
+        script = self._command_script(argv, timeout, input, chroot)
+        answer, rc = self._request(script, None if timeout is None else timeout + self.timeout)
+        return (rc, *split_output(answer, self._nonce))
+
+    def _command_script(self, argv, timeout: float | None, input: str | None, chroot: bool) -> str:
         words = ["x_t", str(int(timeout + 0.999)) if timeout else "''"]
         if chroot and self.root:
             words += ["env", "-i", f"PATH={':'.join(SEARCH_PATH)}", "LC_ALL=C", "chroot", shlex.quote(self.root)]
@@ -216,9 +231,7 @@ class Shell:
             encoded = base64.encodebytes(input.encode()).decode()
             script = f"base64 -d > \"$X/i\" <<'{self._nonce}-IN'\n{encoded}{self._nonce}-IN\n"
             stdin = '"$X/i"'
-        script += f"x_beat; (cd / && {' '.join(words)}) <{stdin} >\"$X/o\" 2>\"$X/e\" 9>&-; x_end $?"
-        answer, rc = self._request(script, None if timeout is None else timeout + self.timeout)
-        return (rc, *split_output(answer, self._nonce))
+        return script + f"x_beat; (cd / && {' '.join(words)}) <{stdin} >\"$X/o\" 2>\"$X/e\" 9>&-; x_end $?"
 
     def execute(self, argv: tuple[str, ...] | list[str], timeout: float | None = None,
             input: str | None = None) -> Result:
@@ -238,10 +251,23 @@ class Shell:
         """``stat -f`` of each path's nearest existing folder on the host, in one
         request (no command of the target's: a read like a fetch). {} when the
         host cannot tell (then the check is not made)."""
+        room = self._room
+        if room is not None and all(p in room for p in paths):  # measured with the lock
+            self._room = None
+            return {p: room[p] for p in paths}
+        rc, out, _ = self._command(self._free_space_argv(paths), 60, None, chroot=False)
+        return self._free_space_found(paths, rc, out)
+
+    def free_space_ahead(self, paths: list[str]) -> None:
+        self._room_paths = list(paths)
+
+    def _free_space_argv(self, paths: list[str]) -> tuple[str, ...]:
         keys = [self._resolve(p, follow=False) for p in paths]
         finder = ('for p; do d=${p%/*}; while [ -n "$d" ] && ! [ -d "$d" ]; do d=${d%/*}; done;'
                   ' stat -f -c "%i %a %S" -- "${d:-/}" || echo "? ? ?"; done')
-        rc, out, _ = self._command(("sh", "-c", finder, "sh", *keys), 60, None, chroot=False)
+        return ("sh", "-c", finder, "sh", *keys)
+
+    def _free_space_found(self, paths: list[str], rc: int, out: bytes) -> dict:
         found = {}
         for path, line in zip(paths, out.decode(errors="replace").splitlines()):
             fields = line.split()
@@ -254,7 +280,42 @@ class Shell:
         """Run a check command of the host (outside any root) on a file of the
         target, "{}" standing for its path on the host (the temp file before a rename)."""
         full = tuple(str(file_path) if a == "{}" else a for a in argv)
+        if (full, file_path) in self._checked:  # run ahead by check_files
+            return self._checked.pop((full, file_path))
         rc, out, err = self._command(full, None, None, chroot=False)
+        return self._check_result(full, rc, out, err)
+
+    def check_files(self, checks: list[tuple[tuple[str, ...], str]]) -> None:
+        """Run each (check command, file) of ``checks`` as execute_on_file does, all
+        in one round trip (requests sent back to back, answers read in order; the
+        writes waiting go first); execute_on_file then answers each once. The checks
+        only read their files: one rejecting does not change what the others see."""
+        self._connect()
+        fulls = [tuple(str(path) if a == "{}" else a for a in argv) for argv, path in checks]
+        answers = self._requests([self._command_script(full, None, None, False) for full in fulls])
+        for full, (_, path), (answer, rc) in zip(fulls, checks, answers):
+            self._checked[(full, path)] = self._check_result(full, rc, *split_output(answer, self._nonce))
+
+    def _requests(self, scripts: list[str]) -> list[tuple[bytes, int]]:
+        """Several requests in one round trip: sent together, their answers read in order."""
+        if len(scripts) == 1:
+            return [self._request(scripts[0])]
+        self.stats["command"] += 1
+        owners = None
+        if self._queue:
+            first, owners = self._with_queue(scripts[0])
+            scripts = [first] + scripts[1:]
+        try:
+            self._chan.settimeout(self.timeout)
+            self._chan.sendall("\n".join(scripts).encode() + b"\n")
+        except (OSError, EOFError) as e:
+            raise self._lose(f"could not send a request within {self.timeout:.0f} s ({_why(e)})") from None
+        answers = [self._read_answer() for _ in scripts]
+        if owners is not None:
+            self._queue_failed(answers[0][0], owners)
+        return answers
+
+    def _check_result(self, full: tuple[str, ...], rc: int, out: bytes, err: bytes) -> Result:
         if rc == 127:
             return Result(full, 127, "", f"{full[0]}: command not found on {self} (install it to validate this file)")
         return Result(full, rc, out.decode(errors="replace"), err.decode(errors="replace"))
@@ -263,14 +324,32 @@ class Shell:
     def lock(self, path: str, holder: str) -> None:
         """Take the target's lock at ``path`` or fail at once naming its holder. The
         lock is held by the session's shell, so it ends with the session."""
-        self.makedirs(path.rpartition("/")[0])
+        with self._held():  # the folder made by the lock's own request
+            self.makedirs(path.rpartition("/")[0])
         real = self._resolve(path, True)
         folder, _, name = real.rpartition("/")
         listing = self._dirs.get(folder)
         self._forget(real)
         if listing is not None:  # the lock file is there now, nothing else changed in its folder
             self._dirs[folder] = sorted(set(listing) | {name})
-        answer, rc = self._request(f"x_lock {shlex.quote(real)} {shlex.quote(holder)}")
+        script = f"x_lock {shlex.quote(real)} {shlex.quote(holder)}"
+        ahead, self._room_paths = self._room_paths, None
+        argv = None
+        if ahead:
+            self._cache_only = True  # the paths were read by the plan: resolved from the cache, or not measured
+            try:
+                argv = self._free_space_argv(ahead)
+            except _Miss:
+                argv = None
+            finally:
+                self._cache_only = False
+        if argv is None:
+            answer, rc = self._request(script)
+        else:  # the free space of the run's paths measured just after the lock, in the same round trip
+            (answer, rc), (out, frc) = self._requests([script, self._command_script(argv, 60, None, False)])
+            if rc == 0:
+                found = self._free_space_found(ahead, frc, split_output(out, self._nonce)[0])
+                self._room = found or None
         if rc == 0:
             self._locked, self._lock_path = True, real
             return
