@@ -391,10 +391,10 @@ def main() -> None:
             res = slow[tool] = bench(tool, plain, biggest)
             print(f"{tool:<8} {biggest:>5} {res['first'][0]:>8.2f} s {res['re-run'][0]:>6.2f} s  {res['done']:<8}"
                   f"  {res['first'][1]}", flush=True)
-        print("\n(xenrun: one SSH connection per host with a persistent shell, and an SFTP session once a run"
-              " writes, each started through the login shell, so .bashrc runs once per host on a run with nothing"
-              " to do and twice on one that changes files; the Fabric script: one exec per host; pyinfra and"
-              " Ansible: one per command or module)")
+        print("\n(xenrun: one SSH connection per host with a persistent shell, started through the login shell,"
+              " which also carries the files it writes, so .bashrc runs once per host (an SFTP session, a second"
+              " run of it, only on a host lacking base64, mv -T or sync FILE); the Fabric script: one exec per"
+              " host; pyinfra and Ansible: one per command or module)")
         if "xenrun" in tools:
             print("\nissue 16's goals (medians of this run):")
             for what, figure, bound in goals(results, every, slow, sizes):

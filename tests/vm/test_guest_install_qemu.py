@@ -196,19 +196,20 @@ def test_xens_own_pygrub_finds_the_guests_kernel(installed, tmp_path):
     assert os.path.getsize(got["ramdisk"]) > 1 << 20
 
 
-def test_the_installed_guest_boots_under_xl_and_is_reached_over_ssh(installed, pkgs, tmp_path):
+def _boot_and_log_in(installed, pkgs, tmp_path, cfg_text: str, loader: str, **qemu_kw) -> str:
+    """Boot the emulated Xen host with the installed disk and ``cfg_text`` as
+    /etc/xen/deb1.cfg (``loader``: the pvgrub2 image it names), then check the whole
+    life of the guest on its console and over SSH; returns the guest's console."""
     site, root = installed["site"], installed["root"]
-    cfg_text = (root / "etc/xen/deb1.cfg").read_text()
-    assert f'kernel = "{PVGRUB}"' in cfg_text and "file:/var/lib/xen/images/deb1.img,xvda,w" in cfg_text
     domain = next(d for d in parse_domains((site / "domains.toml").read_text()) if d.name == "deb1")
     shutdown = shlex.join(guests.plan_xl(domain, "shutdown")[0].argv)  # what domain.shutdown runs
     script = DOM0_SCRIPT.format(image=installed["image"], dom0=DOM0_ADDRESS, guest=GUEST_ADDRESS,
                                 cfg="/etc/xen/deb1.cfg", wait=420, shutdown=shutdown)
-    files = {"/etc/xen/deb1.cfg": cfg_text.encode(), PVGRUB: root / PVGRUB.lstrip("/"),
+    files = {"/etc/xen/deb1.cfg": cfg_text.encode(), loader: guestrepo.grub_xen() / loader.rsplit("/", 1)[1],
              "/root/key": installed["key"].read_bytes(), "/etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n"}
     initrd = xenhost.build_dom0_initramfs(tmp_path / "dom0.gz", pkgs, script, files, host_tools=("ssh",))
     disk = root / installed["image"].lstrip("/")
-    host = xenhost.boot_xen_host(pkgs, initrd, [disk], timeout=900, memory_mb=1536)
+    host = xenhost.boot_xen_host(pkgs, initrd, [disk], timeout=900, memory_mb=1536, **qemu_kw)
     log = host.log
     (tmp_path / "dom0.log").write_text(log)  # kept by pytest for a look after a failure
     console = xenhost.parse_guest_console(log)
@@ -226,6 +227,15 @@ def test_the_installed_guest_boots_under_xl_and_is_reached_over_ssh(installed, p
     assert "systemd-shutdown[1]: Powering off." in console, explain
     after = log[log.index("XENHOST-SHUTDOWN-RC"):log.index("XENHOST-GUEST-CONSOLE-BEGIN")]
     assert "Domain-0" in after and "deb1" not in after, explain  # xl list: the guest is gone
+    return console
+
+
+def test_the_installed_guest_boots_under_xl_and_is_reached_over_ssh(installed, pkgs, tmp_path):
+    """PV, through pvgrub2: GRUB in the guest reads the guest's own grub.cfg."""
+    cfg_text = (installed["root"] / "etc/xen/deb1.cfg").read_text()
+    assert f'kernel = "{PVGRUB}"' in cfg_text and "file:/var/lib/xen/images/deb1.img,xvda,w" in cfg_text
+    console = _boot_and_log_in(installed, pkgs, tmp_path, cfg_text, PVGRUB)
+    assert "Reading (xen/xvda)/boot/grub/grub.cfg" in console
 
 
 class _DomZeroCommands:
