@@ -94,6 +94,19 @@ class Cache:
         return info
 
     # -- paths -------------------------------------------------------------------
+    def _missing_folders(self, paths: list[str]) -> list[str]:
+        """The folders of ``paths`` (and their parents) that do not exist yet, each
+        after its parent; every part of every path looked up in one round trip."""
+        self._rounds(lambda: [self.exists(p) for p in paths])
+        missing: list[str] = []
+        for path in paths:
+            parts = [p for p in path.split("/") if p]
+            for i in range(1, len(parts) + 1):
+                sub = "/" + "/".join(parts[:i])
+                if sub not in missing and (posixpath.dirname(sub) in missing or not self.exists(sub)):
+                    missing.append(sub)
+        return missing
+
     def _join(self, parts: list[str]) -> str:
         return self._prefix + "/" + "/".join(parts) if parts else self._prefix or "/"
 

@@ -3,7 +3,6 @@ symlinks, removal, sparse files, journal appends)."""
 
 from __future__ import annotations
 
-import posixpath
 import socket
 
 from xenrun.errors import TargetError
@@ -225,14 +224,7 @@ class Files:
         the missing folders."""
         from paramiko.sftp import CMD_LSTAT, CMD_MKDIR
         from paramiko.sftp_attr import SFTPAttributes
-        self._rounds(lambda: [self.exists(p) for p in paths])  # every part of every path in one go
-        missing: list[str] = []
-        for path in paths:
-            parts = [p for p in path.split("/") if p]
-            for i in range(1, len(parts) + 1):
-                sub = "/" + "/".join(parts[:i])
-                if sub not in missing and (posixpath.dirname(sub) in missing or not self.exists(sub)):
-                    missing.append(sub)
+        missing = self._missing_folders(paths)
         if not missing:
             return []
         keys = [self._resolve(sub, True) for sub in missing]  # from the cache: every part was fetched

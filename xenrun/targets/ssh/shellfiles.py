@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import posixpath
 import shlex
 
 from xenrun.errors import TargetError
@@ -123,14 +122,7 @@ class ShellFiles(Files):
     def makedirs_many(self, paths: list[str]) -> list[str]:
         if not self._shell_ok():
             return super().makedirs_many(paths)
-        self._rounds(lambda: [self.exists(p) for p in paths])  # every part of every path in one go
-        missing: list[str] = []
-        for path in paths:
-            parts = [p for p in path.split("/") if p]
-            for i in range(1, len(parts) + 1):
-                sub = "/" + "/".join(parts[:i])
-                if sub not in missing and (posixpath.dirname(sub) in missing or not self.exists(sub)):
-                    missing.append(sub)
+        missing = self._missing_folders(paths)
         if not missing:
             return []
         keys = [self._resolve(sub, True) for sub in missing]
