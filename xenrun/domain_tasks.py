@@ -59,11 +59,13 @@ def create_task(c, name, root=None, host=None, config=None, domains=None, dry=Fa
                root, host, config, domains, taskhelp.dry(c, dry), yes, files_only, format)
 
 
-@task(name="finish-install", positional=["name"], auto_shortflags=False, help=_h(*_PLAN_FLAGS))
+@task(name="finish-install", positional=["name"], auto_shortflags=False,
+      help={**_h(*_PLAN_FLAGS), "loader": "how the installed guest boots from its disk: pygrub (default: run in"
+                                          " dom0) or pvgrub2 (GRUB inside the guest; needs grub-xen-host)"})
 def finish_install_task(c, name, root=None, host=None, config=None, domains=None, dry=False, yes=False,
-                        files_only=False, format="text"):
-    """After a PV install: boot through pygrub, drop kernel/ramdisk/extra and the ISO (S21)."""
-    _plan_task(lambda o: finish_install(o, name, _confirm),
+                        files_only=False, format="text", loader="pygrub"):
+    """After a PV install: boot through pygrub or pvgrub2, drop kernel/ramdisk/extra and the ISO (S21)."""
+    _plan_task(lambda o: finish_install(o, name, _confirm, loader),
                root, host, config, domains, taskhelp.dry(c, dry), yes, files_only, format)
 
 

@@ -38,6 +38,9 @@ DEFAULT_BOOT_DIR = "/var/lib/xen/boot"
 CONFIG_DIR = "/etc/xen"
 AUTO_DIR = "/etc/xen/auto"
 PHY = "phy"  # an existing device of the host's: the core's own backend, no plugin
+# Debian's pvgrub2 (grub-xen-host): GRUB as a PV kernel, reading the guest's own grub.cfg
+PVGRUB2 = "/usr/lib/grub-xen/grub-x86_64-xen.bin"
+LOADERS = ("pygrub", "pvgrub2")  # how an installed PV guest boots from its disk (finish-install)
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
 _VDEV = re.compile(r"(?:xvd|sd|hd|vd)[a-z]{1,2}[0-9]{0,2}")
@@ -132,8 +135,12 @@ class Domain:
     def for_host(self, host: str) -> bool:
         return not self.hosts or host in self.hosts
 
-    def finished(self) -> "Domain":
-        """The spec after the PV installation (S21): boot through pygrub, no ISO."""
+    def finished(self, loader: str = "pygrub") -> "Domain":
+        """The spec after the PV installation (S21): boot through pygrub (or
+        pvgrub2, PVGRUB2 as the kernel), no ISO."""
+        if loader == "pvgrub2":
+            return replace(self, kernel=PVGRUB2, ramdisk=None, extra=None, iso_boot=False, iso=None,
+                           bootloader=None)
         return replace(self, kernel=None, ramdisk=None, extra=None, iso_boot=False, iso=None,
                        bootloader="pygrub")
 

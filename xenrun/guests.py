@@ -15,7 +15,7 @@ import structlog
 
 from xenrun import registry, run, xlcfg
 from xenrun.changes import Change, RemoveFile, RunCommand, SparseFile, Symlink, WriteFile
-from xenrun.domains import CONFIG_DIR, PHY, Domain, derived_mac, load_domains, random_mac, with_disk_keys
+from xenrun.domains import CONFIG_DIR, LOADERS, PHY, PVGRUB2, Domain, derived_mac, load_domains, random_mac, with_disk_keys
 from xenrun.installs import with_install_keys
 from xenrun.guestmedia import ISO_KERNELS, ISO_RAMDISKS, archiso_extra, guest_notes, iso_reader, lacks_boot_config
 from xenrun.errors import PlanError, UsageError
@@ -137,11 +137,18 @@ def resolve_macs(domain: Domain, others: list[Domain], configs: dict[str, list],
     return dataclasses.replace(domain, vifs=tuple(vifs))
 
 
-def is_finished(domain: Domain, current: list | None) -> bool:
-    """A PV guest installed from its ISO whose config has been through
-    finish-install: create keeps it that way instead of going back to the ISO."""
-    return bool(domain.type == "pv" and domain.iso_boot and current
-                and any(e.key == "bootloader" for e in current) and not any(e.key == "kernel" for e in current))
+def finished_with(domain: Domain, current: list | None) -> str | None:
+    """The loader ("pygrub", "pvgrub2") of a PV guest installed from its ISO whose
+    config has been through finish-install, else None: create keeps it that way
+    instead of going back to the ISO."""
+    if not (domain.type == "pv" and domain.iso_boot and current):
+        return None
+    kernels = [e.value for e in current if e.key == "kernel"]
+    if not kernels and any(e.key == "bootloader" for e in current):
+        return "pygrub"
+    if kernels == [PVGRUB2] and not any(e.key == "ramdisk" for e in current):
+        return "pvgrub2"
+    return None
 
 
 # -- plans -----------------------------------------------------------------------------
@@ -154,10 +161,11 @@ def plan_create(p: run.Prepared, facts, domain: Domain, all_domains: list[Domain
     notes: list[str] = []
     current = current_config(target, domain)
     configs = other_configs(target, domain)
-    spec = domain.finished() if is_finished(domain, current) else domain
-    if spec is not domain:
-        notes.append(f"{domain.name}: installed (finish-install was applied): kept booting through pygrub;"
-                     ' set bootloader = "pygrub" and drop iso_boot in domains.toml')
+    loader = finished_with(domain, current)
+    spec = domain.finished(loader) if loader else domain
+    if loader:
+        notes.append(f"{domain.name}: installed (finish-install was applied): kept booting through {loader};"
+                     f" {_loader_advice(loader)} and drop iso_boot in domains.toml")
     spec = resolve_macs(spec, all_domains, configs, current)
     entries = []
     mine: dict[str, object] = {}  # disk path -> this guest's disk there
@@ -312,9 +320,14 @@ def iso_boot_files(target, domain: Domain) -> tuple[list[Change], dict]:
     return changes, boot
 
 
-def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str]]:
-    """S21: kernel, ramdisk and extra dropped, bootloader = "pygrub", the ISO
-    removed from disk; S20/S26 notes on the guest's own disk where readable."""
+def _loader_advice(loader: str) -> str:
+    return f'set kernel = "{PVGRUB2}"' if loader == "pvgrub2" else 'set bootloader = "pygrub"'
+
+
+def plan_finish(p: run.Prepared, domain: Domain, loader: str = "pygrub") -> tuple[list[Change], list[str]]:
+    """S21: kernel, ramdisk and extra dropped, bootloader = "pygrub" (or the
+    pvgrub2 image as the kernel), the ISO removed from disk; S20/S26 notes on the
+    guest's own disk where readable."""
     if domain.type != "pv":
         raise UsageError(f"{domain.name} is a{'n HVM' if domain.type == 'hvm' else ' PVH'} guest: finish-install"
                          " is the article's PV step (S21)")
@@ -323,16 +336,18 @@ def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str
         raise UsageError(f"{domain.config_path} does not exist on {p.target}: create the guest first (domain.create)")
     text = data.decode("utf-8", errors="replace")
     try:
-        new = xlcfg.without_install(text)
+        new = xlcfg.without_install(text, loader)
     except xlcfg.XlSyntaxError as e:
         raise PlanError(f"{domain.config_path}: {e}") from None
     notes = []
-    findings = xlcfg.lint(new, allow_open_vnc=domain.allow_open_vnc)
+    # the pvgrub2 image must be on the host (grub-xen-host); pygrub's kernel is on the guest's disk
+    findings = xlcfg.lint(new, allow_open_vnc=domain.allow_open_vnc,
+                          exists=p.target.exists if loader == "pvgrub2" else None)
     if findings:
         raise PlanError(f"{domain.config_path} after finish-install: " + "; ".join(_finding(f) for f in findings))
     images = guest_images(p, domain)
     if (bare := lacks_boot_config(images)) is not None:
-        raise PlanError(f"{domain.name}: no /boot/grub/grub.cfg in the guest's disk ({bare}): pygrub would find"
+        raise PlanError(f"{domain.name}: no /boot/grub/grub.cfg in the guest's disk ({bare}): {loader} would find"
                         " nothing to boot; install GRUB's config in the guest first (grub-mkconfig -o"
                         " /boot/grub/grub.cfg, with the root partition's UUID: S20), then finish-install")
     notes += guest_notes(domain, images)
@@ -341,8 +356,8 @@ def plan_finish(p: run.Prepared, domain: Domain) -> tuple[list[Change], list[str
         notes.append(f"{domain.name} is running: power it off inside the guest, then `xl create -c"
                      f" {domain.config_path}` boots it from its disk (S21)")
     if domain.iso_boot:
-        notes.append(f"{domain.name}: set bootloader = \"pygrub\" and drop iso_boot in domains.toml to match")
-    change = WriteFile(domain.config_path, new, 0o644, step="S21", why="boot the installed guest through pygrub",
+        notes.append(f"{domain.name}: {_loader_advice(loader)} and drop iso_boot in domains.toml to match")
+    change = WriteFile(domain.config_path, new, 0o644, step="S21", why=f"boot the installed guest through {loader}",
                        plugin="domain")
     return [change], notes
 
@@ -423,11 +438,13 @@ def create(opts: DomainOptions, name: str, confirm) -> run.Result:
     return run.execute(p, lambda: plan_create(p, facts, domain, domains), opts.run, confirm)
 
 
-def finish_install(opts: DomainOptions, name: str, confirm) -> run.Result:
+def finish_install(opts: DomainOptions, name: str, confirm, loader: str = "pygrub") -> run.Result:
+    if loader not in LOADERS:  # before anything is read
+        raise UsageError(f"--loader {loader!r}: one of {', '.join(LOADERS)}")
     p = run.prepare(opts.run)
     domain = the_domain(host_domains(p, opts.domains), name, p, opts.domains)
     p, domain = with_disk_plugins(p, domain)  # their settings say where the guest's disks are
-    return run.execute(p, lambda: plan_finish(p, domain), opts.run, confirm)
+    return run.execute(p, lambda: plan_finish(p, domain, loader), opts.run, confirm)
 
 
 def delete(opts: DomainOptions, name: str, purge: bool, confirm) -> run.Result:

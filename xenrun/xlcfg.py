@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from xenrun.domains import XEN_OUI, Domain, is_loopback
+from xenrun.domains import PVGRUB2, XEN_OUI, Domain, is_loopback
 
 # xl.cfg(5) keys (Xen 4.2 to 4.19); anything else is a typo or a key of another tool
 KNOWN_KEYS = frozenset("""
@@ -382,20 +382,25 @@ def _lint_disks(values: dict[str, Entry]) -> list[Finding]:
     return found
 
 
-def without_install(text: str) -> str:
+def without_install(text: str, loader: str = "pygrub") -> str:
     """The PV step after installation (S21) on a config's text: kernel, ramdisk and
-    extra dropped, bootloader = "pygrub" where the kernel was, read-only (ISO)
-    disks removed. Other lines are kept as they are."""
+    extra dropped, and where the kernel was, bootloader = "pygrub" (which runs in
+    dom0) or, for ``loader`` "pvgrub2", kernel = the pvgrub2 image (GRUB inside the
+    guest; a bootloader line is dropped then); read-only (ISO) disks removed.
+    Other lines are kept as they are."""
     entries = parse(text)
     lines = text.splitlines(keepends=True)
     drop, replace_at = set(), {}
     spans = _spans(text, entries)
     have_bootloader = any(e.key == "bootloader" for e in entries)
+    have_kernel = any(e.key == "kernel" for e in entries)
     for e in entries:
         first, last = spans[e.line]
-        if e.key in ("kernel", "ramdisk", "extra"):
+        if e.key in ("kernel", "ramdisk", "extra") or (e.key == "bootloader" and loader == "pvgrub2"):
             drop.update(range(first, last + 1))
-            if e.key == "kernel" and not have_bootloader:
+            if loader == "pvgrub2" and (e.key == "kernel" or (e.key == "bootloader" and not have_kernel)):
+                replace_at[first] = f'kernel = "{PVGRUB2}"\n'
+            elif e.key == "kernel" and not have_bootloader:
                 replace_at[first] = 'bootloader = "pygrub"\n'
         elif e.key == "disk" and isinstance(e.value, list):
             kept = [d for d in e.value if not _read_only(d)]

@@ -297,6 +297,17 @@ def test_finish_install_text_edit_keeps_other_lines():
                                            'on_crash = "restart"\ndisk = [ "file:/i.img,xvda,w" ]\n')
 
 
+
+def test_finish_install_text_edit_for_pvgrub2():
+    text = 'name = "g"\nkernel = "/k"\nramdisk = "/r"\nextra = "x"\nmemory = 512\n'
+    assert xlcfg.without_install(text, "pvgrub2") == \
+        'name = "g"\nkernel = "/usr/lib/grub-xen/grub-x86_64-xen.bin"\nmemory = 512\n'
+    pygrub = 'name = "g"\nbootloader = "pygrub"\nmemory = 512\n'
+    assert xlcfg.without_install(pygrub, "pvgrub2") == \
+        'name = "g"\nkernel = "/usr/lib/grub-xen/grub-x86_64-xen.bin"\nmemory = 512\n'
+    done = xlcfg.without_install(text, "pvgrub2")
+    assert xlcfg.without_install(done, "pvgrub2") == done
+
 def test_a_pvh_guest_boots_its_kernel_directly(site):
     (site / "domains.toml").write_text('[domain.pv1]\nhost = "arch-grub"\ntype = "pvh"\nmemory = "256M"\n'
                                        'kernel = "/boot/vmlinuz-linux"\nextra = "console=hvc0"\n'

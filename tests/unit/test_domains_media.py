@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +124,39 @@ def test_pv_install_takes_kernel_and_label_from_the_iso_then_finish_install(site
 
 
 @needs_iso_tool
+def test_finish_install_to_pvgrub2_needs_its_image_then_keeps_booting_through_it(site, tmp_path):
+    root = site / "hosts/arch-grub"
+    (root / "var/lib/xen/iso").mkdir(parents=True)
+    shutil.copy(make_iso(tmp_path, "ARCH_201301"), root / "var/lib/xen/iso/arch.iso")
+    (site / "domains.toml").write_text(PV_ISO)
+    args = ("--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--format", "json")
+    assert run_xenrun("domain.create", "archpv", *args, "--yes").returncode == 0
+    installing = (root / "etc/xen/archpv.cfg").read_text()
+    r = run_xenrun("domain.finish-install", "archpv", *args, "--loader", "pvgrub3", "--yes")
+    assert r.returncode == 2 and "--loader 'pvgrub3': one of pygrub, pvgrub2" in r.stderr, r.stderr
+    r = run_xenrun("domain.finish-install", "archpv", *args, "--loader", "pvgrub2", "--yes")
+    assert r.returncode != 0 and "grub-x86_64-xen.bin does not exist on the host" in r.stderr \
+        and "apt-get install grub-xen-host" in r.stderr, r.stderr
+    assert (root / "etc/xen/archpv.cfg").read_text() == installing  # nothing changed on either refusal
+    pvgrub = root / "usr/lib/grub-xen/grub-x86_64-xen.bin"
+    pvgrub.parent.mkdir(parents=True)
+    pvgrub.write_bytes(b"GRUB as a PV kernel")
+    r = run_xenrun("domain.finish-install", "archpv", *args, "--loader", "pvgrub2", "--yes")
+    assert r.returncode == 0, r.stderr
+    cfg = (root / "etc/xen/archpv.cfg").read_text()
+    assert cfg.startswith('name = "archpv"\nkernel = "/usr/lib/grub-xen/grub-x86_64-xen.bin"\nmemory = 512\n'), cfg
+    assert "ramdisk" not in cfg and "extra" not in cfg and "bootloader" not in cfg and "arch.iso" not in cfg
+    after = json.loads(run_xenrun("domain.create", "archpv", *args, "--dry").stdout)
+    assert after["summary"]["changed"] == 0, after["plan"]
+    assert any("kept booting through pvgrub2" in n and "grub-x86_64-xen.bin" in n for n in after["report"]["notes"])
+    # and back to pygrub: the pvgrub2 kernel line becomes the bootloader
+    r = run_xenrun("domain.finish-install", "archpv", *args, "--yes")
+    assert r.returncode == 0, r.stderr
+    cfg = (root / "etc/xen/archpv.cfg").read_text()
+    assert 'bootloader = "pygrub"' in cfg and "kernel" not in cfg
+
+
+@needs_iso_tool
 def test_iso_without_the_kernel_names_the_paths_tried(site, tmp_path):
     root = site / "hosts/arch-grub"
     (root / "var/lib/xen/iso").mkdir(parents=True)
@@ -137,26 +169,21 @@ def test_iso_without_the_kernel_names_the_paths_tried(site, tmp_path):
 
 # -- sparse images (S16) ----------------------------------------------------------------------
 
-def test_10_gib_image_allocates_almost_nothing_and_fast(tmp_path):
+def test_10_gib_image_allocates_almost_nothing(tmp_path):
     target = LocalTarget(tmp_path)
-    start = time.monotonic()
     target.make_sparse("/domU.img", 10 << 30, 0o600)
-    elapsed = time.monotonic() - start
     st = (tmp_path / "domU.img").stat()
     assert st.st_size == 10 << 30
     assert st.st_blocks * 512 < 1 << 20
-    assert elapsed < 0.5
 
 
 def test_created_guest_image_is_sparse_and_never_truncated(site):
     args = ("--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--format", "json")
-    start = time.monotonic()
     r = run_xenrun("domain.create", "arch-hvm", *args, "--yes")
     assert r.returncode == 0, r.stderr
     image = site / "hosts/arch-grub/var/lib/xen/images/arch-hvm.img"
     st = image.stat()
     assert st.st_size == 10 << 30 and st.st_blocks * 512 < 1 << 20 and st.st_mode & 0o777 == 0o600
-    assert time.monotonic() - start < 10  # a whole process; the file itself takes milliseconds
     with open(image, "r+b") as f:  # the guest wrote something
         f.write(b"guest data")
     text = (site / "domains.toml").read_text()

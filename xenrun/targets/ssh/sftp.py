@@ -261,6 +261,20 @@ class Files:
         self.write_atomic_many([(path, data, mode, uid, gid)],
                                before_rename and (lambda _path, tmp: before_rename(tmp)))
 
+    def _write_places(self, files: list[tuple], links: list[tuple], before_rename, checks) -> list[tuple] | None:
+        """(path, real, folder, temp) for each of ``files`` then ``links`` of a
+        write_atomic_many, every path resolved before the cache forgets anything.
+        None when two of them lead to one file (through a link): then they have
+        been written one by one, in order."""
+        reals = [self._resolve(path, True) for path, *_ in files] + [self._resolve(path, False) for path, _ in links]
+        if len(set(reals)) < len(reals):
+            for n, item in enumerate(list(files) + list(links)):
+                self.write_atomic_many([item] if n < len(files) else [], before_rename,
+                                       [] if n < len(files) else [item], checks)
+            return None
+        return [(path, real, *self._temp_beside(real, regular=n < len(files)))
+                for n, ((path, *_), real) in enumerate(zip(list(files) + list(links), reals))]
+
     def write_atomic_many(self, files: list[tuple], before_rename=None, links: list[tuple] = (),
                           checks: dict | None = None) -> None:
         """Replace each (path, data, mode, uid, gid) of ``files``: a temp file in its
@@ -273,15 +287,9 @@ class Files:
         from paramiko.sftp import CMD_EXTENDED, CMD_FSETSTAT, CMD_REMOVE, CMD_SYMLINK
         if not files and not links:
             return
-        # every path resolved before the cache forgets anything
-        reals = [self._resolve(path, True) for path, *_ in files] + [self._resolve(path, False) for path, _ in links]
-        if len(set(reals)) < len(reals):  # two of them lead to one file (through a link): in order, one by one
-            for n, item in enumerate(list(files) + list(links)):
-                self.write_atomic_many([item] if n < len(files) else [], before_rename,
-                                       [] if n < len(files) else [item], checks)
+        places = self._write_places(files, links, before_rename, checks)
+        if places is None:
             return
-        places = [(path, real, *self._temp_beside(real, regular=n < len(files)))  # (path, real, folder, tmp)
-                  for n, ((path, *_), real) in enumerate(zip(list(files) + list(links), reals))]
         folders = list(dict.fromkeys(folder for _, _, folder, _ in places))
         handles = self._open_new_many([(tmp, folder, None) for _, _, folder, tmp in places[:len(files)]], folders)
         closed = False

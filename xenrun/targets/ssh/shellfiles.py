@@ -147,14 +147,9 @@ class ShellFiles(Files):
             return
         if not self._shell_ok(sum(len(f[1]) for f in files)):
             return super().write_atomic_many(files, before_rename, links, checks)
-        reals = [self._resolve(path, True) for path, *_ in files] + [self._resolve(path, False) for path, _ in links]
-        if len(set(reals)) < len(reals):  # two of them lead to one file (through a link): in order, one by one
-            for n, item in enumerate(list(files) + list(links)):
-                self.write_atomic_many([item] if n < len(files) else [], before_rename,
-                                       [] if n < len(files) else [item], checks)
+        places = self._write_places(files, links, before_rename, checks)  # (path, real, folder, tmp)
+        if places is None:
             return
-        places = [(path, real, *self._temp_beside(real, regular=n < len(files)))  # (path, real, folder, tmp)
-                  for n, ((path, *_), real) in enumerate(zip(list(files) + list(links), reals))]
         folders = list(dict.fromkeys(folder for _, _, folder, _ in places))
         q = shlex.quote
         mine, flushes = len(self._queue), self.stats["command"]
