@@ -95,13 +95,19 @@ size = "10G"
 '''
 
 
-@needs_iso_tool
-def test_pv_install_takes_kernel_and_label_from_the_iso_then_finish_install(site, tmp_path):
+def _pv_iso_site(site, tmp_path):
+    """arch-grub with an Arch ISO labelled ARCH_201301 and the PV guest archpv
+    installed from it: (the host's root, the CLI options for it)."""
     root = site / "hosts/arch-grub"
     (root / "var/lib/xen/iso").mkdir(parents=True)
     shutil.copy(make_iso(tmp_path, "ARCH_201301"), root / "var/lib/xen/iso/arch.iso")
     (site / "domains.toml").write_text(PV_ISO)
-    args = ("--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--format", "json")
+    return root, ("--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--format", "json")
+
+
+@needs_iso_tool
+def test_pv_install_takes_kernel_and_label_from_the_iso_then_finish_install(site, tmp_path):
+    root, args = _pv_iso_site(site, tmp_path)
     r = run_xenrun("domain.create", "archpv", *args, "--yes")
     assert r.returncode == 0, r.stderr
     cfg = (root / "etc/xen/archpv.cfg").read_text()
@@ -125,11 +131,7 @@ def test_pv_install_takes_kernel_and_label_from_the_iso_then_finish_install(site
 
 @needs_iso_tool
 def test_finish_install_to_pvgrub2_needs_its_image_then_keeps_booting_through_it(site, tmp_path):
-    root = site / "hosts/arch-grub"
-    (root / "var/lib/xen/iso").mkdir(parents=True)
-    shutil.copy(make_iso(tmp_path, "ARCH_201301"), root / "var/lib/xen/iso/arch.iso")
-    (site / "domains.toml").write_text(PV_ISO)
-    args = ("--config", site / "plugins.toml", "--host", "arch-grub", "--files-only", "--format", "json")
+    root, args = _pv_iso_site(site, tmp_path)
     assert run_xenrun("domain.create", "archpv", *args, "--yes").returncode == 0
     installing = (root / "etc/xen/archpv.cfg").read_text()
     r = run_xenrun("domain.finish-install", "archpv", *args, "--loader", "pvgrub3", "--yes")
