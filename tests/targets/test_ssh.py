@@ -173,6 +173,27 @@ def test_setup_over_ssh_equals_local_apply_and_a_rerun_changes_nothing(site, ssh
         assert sum("neither dhclient nor dhcpcd" in line for line in run.stderr.splitlines()) == warnings, run.stderr
 
 
+
+def test_the_sftp_writes_a_host_without_base64_gets_give_the_same_files(site, sshd):
+    """The fallback of shellfiles.py (a host without base64 -d, mv -T or sync
+    FILE; writes above 8 MiB): forced here, the same files as a local apply, and
+    a rollback puts every original back."""
+    host = "arch-grub"
+    before = file_map(site / "hosts" / host)
+    reference = local_reference(site, host, "--files-only")
+    root = over_ssh(site, host, sshd)
+    env = {"XENRUN_SFTP_WRITES": "1"}
+    r, first = setup_ssh(site, host, root, sshd, "--yes", "--files-only", env=env)
+    assert r.returncode == 0, r.stderr
+    assert first["summary"]["changed"] > 0 and stats(r).get("sftp", 0) > 0, stats(r)  # SFTP did write them
+    assert file_map(root) == reference
+    assert not [p for p in file_map(root, skip_state=False) if p.endswith(".xenrun-tmp")]
+    r2, again = setup_ssh(site, host, root, sshd, "--yes", "--files-only", env=env)
+    assert again["summary"]["changed"] == 0, r2.stderr
+    back = xenrun_ssh(root, sshd, "rollback", "--config", site / "plugins.toml", "--host", host, "--yes", env=env)
+    assert back.returncode == 0, back.stderr
+    assert file_map(root) == before
+
 def test_commands_run_inside_the_root_with_chroot_over_ssh(site, sshd):
     root = lab_host(site, 'command = ["touch", "/ran-inside"]', applets=("touch",))
     over_ssh(site, "lab", sshd)
