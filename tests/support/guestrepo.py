@@ -70,12 +70,12 @@ def ensure(packages: tuple[str, ...] = BASE_PACKAGES, cache: Path = DEFAULT_CACH
 def grub_xen(cache: Path = DEFAULT_CACHE_DIR) -> Path:
     """Debian's pvgrub2 images (package grub-xen-host, unpacked once into the cache):
     the folder holding grub-x86_64-xen.bin (PV) and grub-i386-xen_pvh.bin (PVH)."""
-    from .xenpkgs import _apt_download
+    from .xenpkgs import _apt_download, cache_lock
 
     out = Path(cache) / "grub-xen-host"
     folder = out / "usr/lib/grub-xen"
-    if not (folder / "grub-x86_64-xen.bin").exists():
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        deb = _apt_download("grub-xen-host", Path(cache))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(out)], check=True)
+    with cache_lock(Path(cache)):
+        if not (folder / "grub-x86_64-xen.bin").exists():
+            deb = _apt_download("grub-xen-host", Path(cache))
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(out)], check=True)
     return folder

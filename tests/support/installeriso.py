@@ -35,23 +35,27 @@ def fetch(cache_dir: Path = xenpkgs.DEFAULT_CACHE_DIR) -> dict:
     (the package file's name)."""
     cache_dir = Path(cache_dir)
     root = cache_dir / "debian-installer"
-    if not (root / _READY).is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        debs = sorted(cache_dir.glob(f"{PACKAGE}_*.deb"), key=lambda p: p.stat().st_mtime)
-        deb = debs[-1] if debs else xenpkgs._apt_download(PACKAGE, cache_dir)
-        tmp = cache_dir / "debian-installer.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        xenpkgs._run(["dpkg", "-x", str(deb), str(tmp)])
-        for name in ("linux", "initrd.gz"):
-            if not (tmp / IMAGES / name).is_file():
-                raise xenpkgs.FetchError(f"{deb.name} has no {IMAGES}/{name}")
-        (tmp / _READY).write_text(deb.name + "\n")
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+    with xenpkgs.cache_lock(cache_dir):
+        if not (root / _READY).is_file():
+            _unpack(cache_dir, root)
     info = root / Path(IMAGES).parents[1] / "version.info"
     return {"kernel": root / IMAGES / "linux", "initrd": root / IMAGES / "initrd.gz",
             "version": info.read_text().strip() if info.is_file() else "", "deb": (root / _READY).read_text().strip()}
+
+
+def _unpack(cache_dir: Path, root: Path) -> None:
+    debs = sorted(cache_dir.glob(f"{PACKAGE}_*.deb"), key=lambda p: p.stat().st_mtime)
+    deb = debs[-1] if debs else xenpkgs._apt_download(PACKAGE, cache_dir)
+    tmp = cache_dir / "debian-installer.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    xenpkgs._run(["dpkg", "-x", str(deb), str(tmp)])
+    for name in ("linux", "initrd.gz"):
+        if not (tmp / IMAGES / name).is_file():
+            raise xenpkgs.FetchError(f"{deb.name} has no {IMAGES}/{name}")
+    (tmp / _READY).write_text(deb.name + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
 
 
 def build_iso(out: Path, installer: dict, label: str = LABEL) -> Path:

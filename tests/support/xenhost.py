@@ -123,9 +123,13 @@ def fetch_xen_tools(cache_dir: Path = xenpkgs.DEFAULT_CACHE_DIR) -> Path:
     into ``<cache_dir>/xentools`` (once) and return that root."""
     cache_dir = Path(cache_dir)
     root = cache_dir / "xentools"
-    if (root / _TOOLS_READY).is_file():
-        return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with xenpkgs.cache_lock(cache_dir):
+        if not (root / _TOOLS_READY).is_file():
+            _unpack_tools(cache_dir, root)
+    return root
+
+
+def _unpack_tools(cache_dir: Path, root: Path) -> None:
     tmp = cache_dir / "xentools.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -136,17 +140,17 @@ def fetch_xen_tools(cache_dir: Path = xenpkgs.DEFAULT_CACHE_DIR) -> Path:
     (tmp / _TOOLS_READY).write_text("\n".join(XEN_TOOL_PACKAGES + LVM_PACKAGES) + "\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    return root
 
 
 def xen_elf(pkgs: dict, cache_dir: Path = xenpkgs.DEFAULT_CACHE_DIR) -> Path:
     """The gunzipped Xen ELF (QEMU's -kernel multiboot loader cannot gunzip)."""
     src = Path(pkgs["xen_gz"])
     out = Path(cache_dir) / f"{src.name[:-3]}.{src.stat().st_size}.elf"
-    if not out.is_file():
-        tmp = out.with_suffix(".partial")
-        tmp.write_bytes(gzip.decompress(src.read_bytes()))
-        tmp.rename(out)
+    with xenpkgs.cache_lock(cache_dir):
+        if not out.is_file():
+            tmp = out.with_suffix(".partial")
+            tmp.write_bytes(gzip.decompress(src.read_bytes()))
+            tmp.rename(out)
     return out
 
 

@@ -9,6 +9,8 @@ hypervisor type on the console and powers the machine off.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import os
 import re
@@ -54,6 +56,18 @@ def current_kernel_abi() -> str:
             if m:
                 return m.group(1)
     raise FetchError(f"no linux-image-6.1.0-*-amd64 dependency in `apt-cache depends {KERNEL_METAPACKAGE}`:\n{out}")
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path):
+    """Hold ``<cache_dir>/.lock``: .ci/run runs two pytest processes at once, and
+    two builders of one ``*.partial`` folder would tear it. Check what is cached
+    again inside the lock (the other process may have built it meanwhile)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _apt_download(package: str, cache_dir: Path) -> Path:
@@ -102,11 +116,14 @@ def fetch(cache_dir: Path = DEFAULT_CACHE_DIR) -> dict:
     """
     cache_dir = Path(cache_dir)
     root = cache_dir / "root"
-    abi = _cached_abi(root) if root.is_dir() else None
-    if abi and _complete(_paths(root, abi)):
-        return _paths(root, abi)
+    with cache_lock(cache_dir):
+        abi = _cached_abi(root) if root.is_dir() else None
+        if abi and _complete(_paths(root, abi)):
+            return _paths(root, abi)
+        return _unpack(cache_dir, root)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
+
+def _unpack(cache_dir: Path, root: Path) -> dict:
     abi = current_kernel_abi()
     debs = [_apt_download(XEN_PACKAGE, cache_dir)]
     try:
