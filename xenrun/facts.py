@@ -8,6 +8,7 @@ they are tested on real samples in tests/samples/. The ``facts`` plugin
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 from collections.abc import Mapping
@@ -41,12 +42,17 @@ class Facts(Mapping):
         return json.loads(json.dumps(dict(self._data), default=sorted))
 
 
+# where installed programs are looked for (probe.installed)
+BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
 class Probe:
     """The read-only view of a target that detect_hardware gets: files, folders and
     read-only commands. Nothing here can change the host."""
 
     def __init__(self, target):
         self._target = target
+        self._bin_dirs: list[str] | None = None
 
     @property
     def target_name(self) -> str:
@@ -70,6 +76,26 @@ class Probe:
 
     def listdir(self, path: str) -> list[str]:
         return self._target.listdir(path) or []
+
+    def installed(self, program: str) -> bool:
+        """Whether ``program`` is in one of BIN_DIRS."""
+        return any(self.exists(f"{d}/{program}") for d in self.bin_dirs())
+
+    def bin_dirs(self) -> list[str]:
+        """BIN_DIRS with each folder that is a symlink replaced by the folder it
+        names, and none twice: on a merged /usr (/bin -> usr/bin) /bin/x is
+        /usr/bin/x, so it is looked up once (an SSH host's facts are read several
+        times per run, and these lookups were most of their client time)."""
+        if self._bin_dirs is None:
+            dirs: list[str] = []
+            for d in BIN_DIRS:
+                target = self.link(d)
+                if target is not None and ".." not in target.split("/"):
+                    d = posixpath.normpath(posixpath.join(posixpath.dirname(d), target))
+                if d not in dirs:
+                    dirs.append(d)
+            self._bin_dirs = dirs
+        return self._bin_dirs
 
     def command(self, argv: list[str]) -> str | None:
         """stdout of a read-only command, or None when it cannot run here (a --root

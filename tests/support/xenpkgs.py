@@ -60,7 +60,7 @@ def current_kernel_abi() -> str:
 
 @contextlib.contextmanager
 def cache_lock(cache_dir: Path):
-    """Hold ``<cache_dir>/.lock``: .ci/run runs two pytest processes at once, and
+    """Hold ``<cache_dir>/.lock``: two pytest processes may run at once, and
     two builders of one ``*.partial`` folder would tear it. Check what is cached
     again inside the lock (the other process may have built it meanwhile)."""
     cache_dir = Path(cache_dir)

@@ -434,7 +434,34 @@ def test_lock_is_released_when_the_session_ends(site, sshd):
             assert time.time() < deadline, "the lock outlived its session"
             time.sleep(0.05)
     two.unlock()
+    two.rmdir("/var/lib/xenrun/none")  # a request: it reads the unlock's answer first
     assert (root / "var/lib/xenrun/lock").read_text() == ""
+
+
+def test_unlock_costs_no_round_trip_and_the_next_request_reads_its_answer(sshd, tmp_path):
+    from xenrun.errors import LockHeld
+    target, other = ssh_target(sshd, tmp_path), ssh_target(sshd, tmp_path)
+    target.lock("/state/lock", "pid 1 on test")
+    waits = target.stats["command"]
+    target.unlock()
+    assert target.stats["command"] == waits and target._owed == 1  # sent, not waited for
+    assert target.rmdir("/state/none") is False  # the unlock's answer, then its own
+    assert target._owed == 0 and (tmp_path / "state/lock").read_text() == ""
+    other.lock("/state/lock", "pid 2 on test")  # released for the others
+    with pytest.raises(LockHeld, match="pid 2 on test"):
+        target.lock("/state/lock", "pid 1 again")
+    other.unlock()
+    other.close()  # its unlock's answer never read: the session's end releases the lock all the same
+    deadline = time.time() + 5
+    while True:
+        try:
+            target.lock("/state/lock", "pid 1 again")
+            break
+        except LockHeld:
+            assert time.time() < deadline, "the lock outlived its session"
+            time.sleep(0.05)
+    target.unlock()
+    target.close()
 
 
 def test_run_frames_output_and_quotes_arguments(sshd, tmp_path):

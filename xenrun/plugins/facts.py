@@ -20,7 +20,6 @@ _HYPERVISORS = {  # another hypervisor beside Xen can freeze the machine (S4)
     "vmware": ("/usr/lib/vmware", "/usr/bin/vmware"),
 }
 _HYPERVISOR_MODULES = {"vboxdrv": "virtualbox", "vmmon": "vmware"}
-_BIN = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
 @hookimpl
@@ -43,7 +42,7 @@ def detect_hardware(probe):
     facts["esp"] = next((e["file"] for e in fstab if e["vfstype"] == "vfat"
                          and e["file"] in ("/boot", "/efi", "/boot/efi")), None)
     facts["kernel_cmdline"] = parse.parse_cmdline(text("/proc/cmdline"))
-    programs = {p for p in PROGRAMS if any(probe.exists(f"{d}/{p}") for d in _BIN)}
+    programs = {p for p in PROGRAMS if probe.installed(p)}
     facts["programs"] = sorted(programs)
     facts["bootloaders"] = sorted(_bootloaders(probe, programs))
 
@@ -125,8 +124,7 @@ _NETWORKD = ("/usr/lib/systemd/systemd-networkd", "/lib/systemd/systemd-networkd
 def _network_stack(probe, names: list[str]) -> dict:
     """Which network stack brings the uplink up at boot (network_stack, with
     network_stack_why), and which stacks are installed (network_stacks)."""
-    installed = [stack for stack, programs in _STACK_PROGRAMS.items()
-                 if any(probe.exists(f"{d}/{p}") for p in programs for d in _BIN)]
+    installed = [stack for stack, programs in _STACK_PROGRAMS.items() if any(probe.installed(p) for p in programs)]
     if any(probe.exists(p) for p in _NETWORKD):
         installed.append("networkd")
     wants = probe.listdir(netconf.WANTS)

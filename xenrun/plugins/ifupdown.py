@@ -23,7 +23,6 @@ from xenrun.api import PlanError, SwitchNetwork, WriteFile, hookimpl, netconf, w
 STEP = "S11"
 STANZA_DIR = "/etc/network/interfaces.d"
 MARK = "xenrun S11: moved into the bridge"
-_BIN = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 DHCP_CLIENTS = ("dhclient", "dhcpcd", "udhcpc")  # what ifupdown's inet dhcp method runs
 
 
@@ -45,7 +44,7 @@ def detect_hardware(probe):
     return {"ifupdown_files": files,
             "ifupdown_bridge_utils": probe.exists("/lib/bridge-utils/ifupdown.sh")
             or probe.exists("/usr/lib/bridge-utils/ifupdown.sh"),
-            "ifupdown_dhcp_clients": sorted({c for c in DHCP_CLIENTS for d in _BIN if probe.exists(f"{d}/{c}")})}
+            "ifupdown_dhcp_clients": sorted({c for c in DHCP_CLIENTS if probe.installed(c)})}
 
 
 def stanza_path(bridge: str) -> str:

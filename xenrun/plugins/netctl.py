@@ -40,7 +40,6 @@ STEP = "S11"
 # what netctl's list_profiles skips in /etc/netctl (besides folders and dot files)
 _NOT_PROFILES = (".action", ".conf", ".service")
 DHCP_CLIENTS = ("dhclient", "dhcpcd")  # what netctl's IP=dhcp can run
-_BIN = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
 # -- settings checks --------------------------------------------------------------------
@@ -244,10 +243,10 @@ def detect_hardware(probe):
                           "wants": f"{WANTS_DIR}/{unit}" if unit else None,
                           "dropin": dropin if probe.exists(dropin) else None,
                           "active": None if active is None else name in active}
-    found = {c for c in DHCP_CLIENTS for d in _BIN if probe.exists(f"{d}/{c}")}
+    found = {c for c in DHCP_CLIENTS if probe.installed(c)}
     return {"netctl_profiles": profiles,
             "netctl_dhcp_clients": sorted(found),
-            "netctl_ping": any(probe.exists(f"{d}/ping") for d in _BIN)}
+            "netctl_ping": probe.installed("ping")}
 
 
 # -- plan ------------------------------------------------------------------------------

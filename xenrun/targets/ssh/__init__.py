@@ -86,6 +86,7 @@ class SSHTarget(Connection, Shell, Cache, ShellFiles, Target):
         self._buf = b""
         self._heard, self._probe = 0.0, None  # last sign of life; keepalive in flight (sent, answered)
         self._locked = False
+        self._owed = 0  # answers of requests sent without waiting (the unlock): read before the next one's
         self._appends: dict[str, object] = {}  # journal files kept open
         self._append_real: dict[str, str] = {}  # and where they lie
         self._dir_handles: dict[str, object] = {}  # folders kept open for fsync

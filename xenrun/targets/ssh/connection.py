@@ -26,6 +26,23 @@ CONNECT_TIMEOUT = 10  # the handshake, at most (and at most the host's timeout)
 TIMEOUT = 60.0  # a host silent this long is given up on (plugins.toml's timeout, per host)
 
 
+_config_lock = threading.Lock()
+_config = None
+
+
+def _fabric_config():
+    """One Fabric Config (its files and ~/.ssh/config read once) for every
+    connection of the process: a Connection made without one builds two, Fabric's
+    and invoke's, each reading those files again (a fleet's hosts paid it each).
+    Connections only read it."""
+    global _config
+    with _config_lock:
+        if _config is None:
+            import fabric
+            _config = fabric.Config()
+        return _config
+
+
 def parse_address(address: str) -> tuple[str | None, str, int | None]:
     """"user@host:port" -> (user, host, port); user and port optional."""
     user, _, hostport = address.rpartition("@")
@@ -60,7 +77,7 @@ class Connection:
         wait = self.connect_timeout
         kwargs = {"banner_timeout": wait, "auth_timeout": wait, "channel_timeout": wait,
                   "transport_factory": _aead_first_transport(), **self.connect_kwargs}
-        conn = fabric.Connection(self.hostname, user=self.user, port=self.port,
+        conn = fabric.Connection(self.hostname, user=self.user, port=self.port, config=_fabric_config(),
                                  connect_timeout=max(1, int(wait)), connect_kwargs=kwargs)
         known = known_hosts_file()
         name = f"[{self.hostname}]:{self.port}" if self.port not in (None, 22) else self.hostname  # as in the file
@@ -116,6 +133,7 @@ class Connection:
         except Exception:  # noqa: BLE001 - closing what is broken
             pass
         self._conn = self._sftp = self._chan = None
+        self._owed = 0
         self._appends.clear()
         self._append_real.clear()
         self._dir_handles.clear()

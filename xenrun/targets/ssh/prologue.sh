@@ -19,11 +19,15 @@
 # stat for every lstat (x_stat; the shell's own tests find the absent ones), one
 # readlink for every link, one base64 for all the listings, then one base64 per
 # cat for all the contents (a path with a newline in its name gets a stat of its own).
-# Writes (shellfiles.py): x_put makes a new file (a leftover removed first; O_EXCL
-# through noclobber, mode 0600 until chmod, then owner, mode, data from base64 on
-# stdin), x_mv renames (mv -T: never into a folder), x_fsync fsyncs files and
-# folders (sync FILE...), x_app appends to the journal; a request's queued steps
-# stop at the first that fails, and x_qfail answers "N QFAIL step" with its stderr.
+# Writes (shellfiles.py): x_put FILE UMASK [MODE [UID GID]] makes a new file (a
+# leftover removed first; O_EXCL through noclobber, created under UMASK, then
+# owner and mode when given, then data from base64 on stdin: a root-owned file of
+# mode 0644 is made with that mode by umask 133, one process; others are made
+# 0600 by umask 077 until chown and chmod), x_mv renames (mv -T: never into a
+# folder), x_fsync fsyncs files and folders (sync FILE...), x_app appends to the
+# journal. $XU is the shell's own umask, put back after each (no subshell: a
+# fork per file saved). A request's queued steps stop at the first that fails,
+# and x_qfail answers "N QFAIL step" with its stderr.
 # "N CAN FLAGS" before READY: 1 when writes can go through this shell, 11 with
 # truncate (sparse files) too; else they go through SFTP.
 PATH=@PATH@:$PATH; export PATH
@@ -37,6 +41,7 @@ trap 'rm -rf "$X"' EXIT
 trap 'exit 129' HUP
 trap 'exit 143' TERM
 if command -v timeout >/dev/null 2>&1; then XT=1; else XT=; fi
+XU=$(umask)
 x_info() {
   if v=$(stat -c '@STAT_FORMAT@' -- "$2" 2>/dev/null); then printf 'L %s %s\n' "$1" "$v"
   else printf 'L %s ?\n' "$1"; fi
@@ -143,10 +148,13 @@ x_lock() {
 }
 x_unlock() { : > "$1"; exec 9>&-; printf '%s END 0\n' "$N"; }
 x_put() {
-  rm -f -- "$1" && (umask 077; set -C; exec 3>"$1" && { [ -z "$3" ] || chown "$3:$4" "$1"; } && chmod "$2" "$1" \
-    && base64 -d >&3)
+  if [ -e "$1" ] || [ -L "$1" ]; then rm -f -- "$1" || return 1; fi
+  set -C; umask "$2"; command exec 3>"$1"; r=$?; set +C; umask "$XU"
+  [ $r -eq 0 ] || return $r
+  { [ -z "$4" ] || chown "$4:$5" "$1"; } && { [ -z "$3" ] || chmod "$3" "$1"; } && base64 -d >&3; r=$?
+  exec 3>&-; return $r
 }
-x_app() { (umask 077; base64 -d >>"$1") && x_fsync "$1"; }
+x_app() { umask 077; base64 -d >>"$1"; r=$?; umask "$XU"; [ $r -eq 0 ] && x_fsync "$1"; }
 x_ln() { rm -f -- "$2" && ln -s -- "$1" "$2"; }
 x_mv() { mv -f -T -- "$1" "$2"; }
 x_rm() { rm -f -- "$1" && x_fsync "$2"; }

@@ -44,15 +44,25 @@ class Shell:
         owners = None
         if self._queue:  # the writes waiting (shellfiles.py) go first, in the same request
             script, owners = self._with_queue(script)
+        self._send_script(script)
+        self._read_owed()
+        answer, rc = self._read_answer(timeout)
+        if owners is not None:
+            self._queue_failed(answer, owners)
+        return answer, rc
+
+    def _read_owed(self) -> None:
+        """The answers of requests sent without waiting: they come first."""
+        while self._owed:
+            self._read_answer()
+            self._owed -= 1
+
+    def _send_script(self, script: str) -> None:
         try:
             self._chan.settimeout(self.timeout)
             self._chan.sendall(script.encode() + b"\n")
         except (OSError, EOFError) as e:
             raise self._lose(f"could not send a request within {self.timeout:.0f} s ({_why(e)})") from None
-        answer, rc = self._read_answer(timeout)
-        if owners is not None:
-            self._queue_failed(answer, owners)
-        return answer, rc
 
     def _read_answer(self, timeout: float | None = None) -> tuple[bytes, int]:
         """Read up to the next marker line: "N END status" after a request,
@@ -305,11 +315,8 @@ class Shell:
         if self._queue:
             first, owners = self._with_queue(scripts[0])
             scripts = [first] + scripts[1:]
-        try:
-            self._chan.settimeout(self.timeout)
-            self._chan.sendall("\n".join(scripts).encode() + b"\n")
-        except (OSError, EOFError) as e:
-            raise self._lose(f"could not send a request within {self.timeout:.0f} s ({_why(e)})") from None
+        self._send_script("\n".join(scripts))
+        self._read_owed()
         answers = [self._read_answer() for _ in scripts]
         if owners is not None:
             self._queue_failed(answers[0][0], owners)
@@ -361,10 +368,18 @@ class Shell:
         raise TargetError(f"{self}: cannot open the lock {path} (status {rc})")
 
     def unlock(self) -> None:
+        """Release the lock without waiting for the answer (read before the next
+        request's, or never: closing the session ends the shell, which releases it
+        too). Steps still queued go with it in one request, which is waited for."""
         def release():
             if self._locked and self._chan is not None:
                 self._locked = False
-                self._request(f"x_unlock {shlex.quote(self._lock_path)}")
+                script = f"x_unlock {shlex.quote(self._lock_path)}"
+                if self._queue:
+                    self._request(script)
+                else:
+                    self._send_script(script)
+                    self._owed += 1
         self._close_appends(meanwhile=release)
 
 

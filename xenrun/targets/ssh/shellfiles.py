@@ -154,10 +154,9 @@ class ShellFiles(Files):
         q = shlex.quote
         mine, flushes = len(self._queue), self.stats["command"]
         try:
-            for (path, data, mode, uid, gid), (_, _, _, tmp) in zip(files, places):
-                owner = f" {int(uid)} {int(gid)}" if uid is not None and gid is not None and self.user == "root" \
-                    else ""
-                self._step(path, f"x_put {q(tmp)} {mode & 0o7777:o}{owner}", data)
+            for (path, data, mode, uid, gid), (_, _, folder, tmp) in zip(files, places):
+                owner = (uid, gid) if uid is not None and gid is not None and self.user == "root" else None
+                self._step(path, f"x_put {q(tmp)} {self._put_args(mode, owner, folder)}", data)
             for (path, target), (_, _, _, tmp) in zip(links, places[len(files):]):
                 self._step(path, f"x_ln {q(target)} {q(tmp)}")
             if files:
@@ -187,6 +186,20 @@ class ShellFiles(Files):
             self._checked.clear()
             raise
 
+    def _put_args(self, mode: int, owner: tuple[int, int] | None, folder: str) -> str:
+        """x_put's UMASK [MODE [UID GID]]. The file is created with its mode by the
+        umask (no chmod, no chown) when the mode needs no execute or special bit and
+        the file is the login's own: no owner asked, or root:root by root in a
+        folder known not to hand its group down (setgid). Else it is made 0600,
+        then given its owner and mode, before any data."""
+        mode &= 0o7777
+        info = self._lst.get(folder)
+        own = owner is None or (owner == (0, 0) and info is not None and info.kind == "dir"
+                                and not info.mode & 0o2000)
+        if own and not mode & ~0o666:
+            return f"{0o777 & ~mode:03o}"
+        return f"077 {mode:o}" + (f" {int(owner[0])} {int(owner[1])}" if owner else "")
+
     def write_new_many(self, files: list[tuple[str, bytes, int]]) -> None:
         """As Files.write_new_many (new files, durably, no temp files)."""
         if not files:
@@ -198,7 +211,7 @@ class ShellFiles(Files):
             self._forget(real, regular=True)
         q = shlex.quote
         for (path, data, mode), real in zip(files, reals):
-            self._step(path, f"x_put {q(real)} {mode & 0o7777:o}", data)
+            self._step(path, f"x_put {q(real)} {self._put_args(mode, None, real.rpartition('/')[0] or '/')}", data)
         folders = list(dict.fromkeys(real.rpartition("/")[0] or "/" for real in reals))
         self._step(files[0][0], "x_fsync " + " ".join(q(p) for p in reals + folders))
         self._sent()
